@@ -1,0 +1,8 @@
+"""The engine: specs to keys, single-flight misses, dynamic batches, results sealed into the store."""
+
+from .batcher import Batcher, Job
+from .engine import EncoderOptions, Engine, Held
+from .keys import FORMAT_VERSION, entry_key
+from .sources import Sources
+
+__all__ = ["Engine", "EncoderOptions", "Held", "Batcher", "Job", "Sources", "entry_key", "FORMAT_VERSION"]

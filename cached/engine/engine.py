@@ -1,0 +1,301 @@
+"""Specs in, sealed and leased entries out.
+
+For each item of a request the engine computes its key (source digest + transform + encoder
+fingerprint), serves it from the store if it is there, and otherwise decodes the source in a thread
+pool and hands it to the encoder's batcher. Identical concurrent misses share one computation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cached_client.errors import CacheError, CacheMiss, DaemonError, InvalidSpec, SourceError, UnknownEncoder
+from cached_client.specs import ImageSpec, Spec, TextSpec, decode_spec
+
+from ..encoders import Encoder
+from ..images import DEFAULT_MAX_PIXELS, prepare_image
+from ..store import Entry, Owner, ShmStore, TensorBytes
+from .batcher import Batcher, Job
+from .keys import entry_key
+from .sources import Sources
+
+__all__ = ["Engine", "Held", "EncoderOptions"]
+
+log = logging.getLogger(__name__)
+
+Held = tuple[Entry, int]  # an entry and the lease on it (0: not leased)
+Result = Held | CacheError
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    max_batch: int = 32
+    max_queue_delay_ms: float = 5.0
+
+
+@dataclass(frozen=True)
+class _Item:
+    spec: Spec
+    key: bytes
+    real: str
+    data: bytes | None  # the source bytes when they were read to digest them
+
+
+def _tensor_bytes(t: torch.Tensor) -> TensorBytes:
+    t = t.contiguous()
+    raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    return TensorBytes(str(t.dtype).removeprefix("torch."), tuple(t.shape), memoryview(raw.numpy()))
+
+
+class Engine:
+    def __init__(self, store: ShmStore, encoders: dict[str, Encoder], sources: Sources,
+                 options: dict[str, EncoderOptions] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 decode_workers: int | None = None) -> None:
+        self.store = store
+        self.encoders = encoders
+        self.sources = sources
+        self.max_pixels = max_pixels
+        options = options or {}
+        self.batchers = {
+            name: Batcher(enc, self._seal, options.get(name, EncoderOptions()).max_batch,
+                          options.get(name, EncoderOptions()).max_queue_delay_ms / 1000)
+            for name, enc in encoders.items()}
+        self.pool = ThreadPoolExecutor(decode_workers or min(8, (os.cpu_count() or 2)),
+                                       thread_name_prefix="decode")
+        self._inflight: dict[bytes, Future] = {}
+        self._mu = threading.Lock()
+        self.counters = {"hits": 0, "misses": 0, "computed": 0, "errors": 0}
+
+    # requests
+
+    def get(self, encoder: str, specs_json: bytes, compute: bool, owner: Owner | None) -> list[Result]:
+        """One result per item, in order: (entry, lease) or the item's error."""
+        enc = self._encoder(encoder)
+        items = self._parse(specs_json, enc)
+        results: list[Result | None] = [None] * len(items)
+        misses: list[tuple[int, _Item]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, CacheError):
+                results[i] = item
+                continue
+            held = self._acquire(item.key, owner)
+            self._bump("hits" if held is not None else "misses")
+            if held is not None:
+                results[i] = held
+            elif not compute:
+                results[i] = CacheMiss(f"item {i} ({_describe(item.spec)}) is not cached")
+            else:
+                misses.append((i, item))
+        futures = self._compute(enc, [item for _, item in misses])
+        for (i, item), fut in zip(misses, futures):
+            results[i] = self._finish(enc, item, fut, owner)
+        self._bump("errors", sum(isinstance(r, CacheError) for r in results))
+        return results  # type: ignore[return-value]
+
+    def warm(self, encoder: str, specs_json: bytes, window: int = 256) -> Iterator[dict[str, Any]]:
+        """Computes every item without leasing, yielding progress about every 0.25 s."""
+        enc = self._encoder(encoder)
+        items = self._parse(specs_json, enc)
+        progress: dict[str, Any] = {"done": 0, "total": len(items), "computed": 0, "cached": 0, "errors": []}
+        outstanding: deque[tuple[int, Future]] = deque()
+        last = time.monotonic()
+
+        def settle(i: int, result: Result | CacheError, computed: bool) -> None:
+            progress["done"] += 1
+            if isinstance(result, CacheError):
+                progress["errors"].append((i, result))
+            else:
+                progress["computed" if computed else "cached"] += 1
+
+        group: list[tuple[int, _Item]] = []
+        group_size = self.batchers[enc.name].max_batch
+        for i, item in enumerate(items):
+            if isinstance(item, CacheError):
+                settle(i, item, False)
+            elif (held := self._acquire(item.key, None)) is not None:
+                settle(i, held, False)
+            else:
+                group.append((i, item))
+            if len(group) >= group_size or (group and i == len(items) - 1):
+                futures = self._compute(enc, [it for _, it in group])
+                outstanding.extend((j, f) for (j, _), f in zip(group, futures))
+                group = []
+            while len(outstanding) >= window or (outstanding and outstanding[0][1].done()):
+                j, fut = outstanding.popleft()
+                settle(j, _outcome(fut), True)
+            if time.monotonic() - last > 0.25:
+                yield _snapshot(progress)
+                last = time.monotonic()
+        while outstanding:
+            wait([f for _, f in outstanding], timeout=0.25, return_when=FIRST_COMPLETED)
+            while outstanding and outstanding[0][1].done():
+                j, fut = outstanding.popleft()
+                settle(j, _outcome(fut), True)
+            yield _snapshot(progress)
+        yield _snapshot(progress)
+
+    # internals
+
+    def _encoder(self, name: str) -> Encoder:
+        enc = self.encoders.get(name)
+        if enc is None:
+            raise UnknownEncoder(f"no encoder named {name!r}; configured: {sorted(self.encoders)}")
+        return enc
+
+    def _parse(self, specs_json: bytes, enc: Encoder) -> list[_Item | CacheError]:
+        try:
+            raw = json.loads(specs_json)
+        except ValueError as exc:
+            raise InvalidSpec(f"specs are not a JSON array: {exc}") from None
+        if not isinstance(raw, list):
+            raise InvalidSpec("specs must be a JSON array")
+        return [self._item(i, r, enc) for i, r in enumerate(raw)]
+
+    def _item(self, i: int, raw: object, enc: Encoder) -> _Item | CacheError:
+        try:
+            spec = decode_spec(raw)
+        except (ValueError, TypeError) as exc:
+            return InvalidSpec(f"item {i}: {exc}")
+        try:
+            if isinstance(spec, TextSpec):
+                if enc.input != "text":
+                    raise InvalidSpec(f"item {i}: encoder {enc.name!r} takes images, not text")
+                digest = hashlib.blake2b(spec.text.encode(), digest_size=32).digest()
+                return _Item(spec, entry_key(digest, spec, enc.fingerprint), "", None)
+            if enc.input != "image":
+                raise InvalidSpec(f"item {i}: encoder {enc.name!r} takes text, not images")
+            real, digest, data = self.sources.digest(spec.path)
+            return _Item(spec, entry_key(digest, spec, enc.fingerprint), real, data)
+        except CacheError as exc:
+            return exc
+
+    def _acquire(self, key: bytes, owner: Owner | None) -> Held | None:
+        entry = self.store.lookup(key)
+        if entry is None:
+            return None
+        if owner is None:
+            return entry, 0
+        lease = self.store.lease(entry, owner)
+        return None if lease is None else (entry, lease)
+
+    def _compute(self, enc: Encoder, items: list[_Item]) -> list[Future]:
+        """Futures of the items' entries, shared with every concurrent request for the same key.
+
+        The items new to the engine are decoded in parallel and reach the batcher together, so the
+        misses of one request are encoded as one batch (or as few as max_batch allows).
+        """
+        futures: list[Future] = []
+        fresh: list[tuple[_Item, Future]] = []
+        with self._mu:
+            for item in items:
+                fut = self._inflight.get(item.key)
+                if fut is None:
+                    fut = self._inflight[item.key] = Future()
+                    fresh.append((item, fut))
+                futures.append(fut)
+        for item, fut in fresh:
+            fut.add_done_callback(lambda _, key=item.key: self._forget(key))
+        if fresh:
+            jobs: list[Job | None] = [None] * len(fresh)
+            remaining = [len(fresh)]
+            lock = threading.Lock()
+
+            def prepared(k: int, job: Job | None) -> None:
+                jobs[k] = job
+                with lock:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last:
+                    ready = [j for j in jobs if j is not None]
+                    if ready:
+                        self.batchers[enc.name].submit_many(ready)
+
+            for k, (item, fut) in enumerate(fresh):
+                self.pool.submit(self._prepare, enc, item, fut, k, prepared)
+        return futures
+
+    def _forget(self, key: bytes) -> None:
+        with self._mu:
+            self._inflight.pop(key, None)
+
+    def _prepare(self, enc: Encoder, item: _Item, fut: Future, k: int,
+                 done: Callable[[int, Job | None], None]) -> None:
+        job = None
+        try:
+            meta = {"encoder": enc.name, "source": item.real, "spec": json.dumps(item.spec._wire)}
+            seed = int.from_bytes(item.key[:8], "little")
+            if isinstance(item.spec, ImageSpec):
+                data = item.data
+                if data is None:
+                    data = self.sources.read(item.real, item.spec.path)
+                    if self.sources.digest(item.spec.path)[1] != hashlib.blake2b(data, digest_size=32).digest():
+                        raise SourceError(f"{item.spec.path}: changed while being read; retry")
+                value: Any = prepare_image(data, item.spec, seed, self.max_pixels)
+            else:
+                value = item.spec.text
+            job = Job(item.key, value, seed, meta, fut)
+        except CacheError as exc:
+            fut.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug here must fail the item, not hang its request
+            log.exception("preparing %s failed", _describe(item.spec))
+            fut.set_exception(DaemonError(f"preparing {_describe(item.spec)}: {exc}"))
+        finally:
+            done(k, job)
+
+    def _seal(self, job: Job, outputs: dict[str, torch.Tensor]) -> Entry:
+        entry = self.store.put(job.key, {k: _tensor_bytes(v) for k, v in outputs.items()}, job.meta)
+        self._bump("computed")
+        return entry
+
+    def _finish(self, enc: Encoder, item: _Item, fut: Future, owner: Owner | None) -> Result:
+        for _ in range(3):  # an entry can be evicted between its sealing and our lease; compute again
+            try:
+                fut.result()
+            except CacheError as exc:
+                return exc
+            held = self._acquire(item.key, owner)
+            if held is not None:
+                return held
+            [fut] = self._compute(enc, [item])
+        return DaemonError(f"{_describe(item.spec)} was evicted three times before it could be leased; "
+                           f"shm_bytes is too small for the working set")
+
+    def _bump(self, counter: str, n: int = 1) -> None:
+        with self._mu:
+            self.counters[counter] += n
+
+    def close(self) -> None:
+        for b in self.batchers.values():
+            b.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _outcome(fut: Future) -> Held | CacheError:
+    try:
+        return fut.result(), 0
+    except CacheError as exc:
+        return exc
+
+
+def _snapshot(progress: dict[str, Any]) -> dict[str, Any]:
+    snap = dict(progress)
+    progress["errors"] = []
+    return snap
+
+
+def _describe(spec: Spec) -> str:
+    if isinstance(spec, ImageSpec):
+        return f"{spec.path} {spec.size[0]}x{spec.size[1]}"
+    return f"text {spec.text[:40]!r}"

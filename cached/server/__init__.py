@@ -1,0 +1,1 @@
+"""The daemon's edge: gRPC servicer, error interceptor, health, config and `cached serve`."""

@@ -1,0 +1,62 @@
+"""Domain results to protobuf replies and back: the only place that knows both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cached_client._proto import cache_pb2 as pb
+from cached_client.errors import CacheError
+from cached_client.wire import HANDLE, encode_layout
+
+from ..engine import Held
+from ..store import Owner, ShmStore
+
+__all__ = ["owner_of", "get_response", "item_errors", "warm_progress", "stats_response"]
+
+
+def owner_of(msg: pb.Owner) -> Owner | None:
+    """None when the request names no owner: nothing is leased to it."""
+    if not msg.pid:
+        return None
+    return (msg.pid, msg.start_time, msg.client_id, msg.pid_ns)
+
+
+def item_errors(errors: list[tuple[int, CacheError]]) -> list[pb.ItemError]:
+    return [pb.ItemError(index=i, code=e.code, error=type(e).__name__, message=e.message) for i, e in errors]
+
+
+def get_response(instance: str, store: ShmStore, results: list[Held | CacheError]) -> pb.GetResponse:
+    records = np.zeros(len(results), dtype=HANDLE)
+    errors: list[tuple[int, CacheError]] = []
+    segments: dict[int, str] = {}
+    layouts: dict[int, str] = {}
+    paths = store.segment_paths()
+    for i, result in enumerate(results):
+        if isinstance(result, CacheError):
+            errors.append((i, result))
+            continue
+        entry, lease = result
+        records[i] = (entry.key, lease, entry.generation, entry.offset, entry.length, entry.segment,
+                      entry.layout_id)
+        segments[entry.segment] = paths[entry.segment]
+        if entry.layout_id not in layouts:
+            layouts[entry.layout_id] = encode_layout(store.layouts.by_id[entry.layout_id])
+    return pb.GetResponse(instance=instance, handles=records.tobytes(), errors=item_errors(errors),
+                          segments=segments, layouts=layouts)
+
+
+def warm_progress(p: dict[str, Any]) -> pb.WarmProgress:
+    return pb.WarmProgress(done=p["done"], total=p["total"], computed=p["computed"], cached=p["cached"],
+                           errors=item_errors(p["errors"]))
+
+
+def stats_response(instance: str, uptime: float, store: ShmStore, counters: dict[str, int],
+                   encoders: dict[str, dict[str, Any]]) -> pb.StatsResponse:
+    s = store.stats()
+    shm = pb.TierStats(entries=s["entries"], bytes=s["bytes"], capacity_bytes=s["capacity_bytes"])
+    return pb.StatsResponse(
+        instance=instance, uptime_s=uptime, tiers={"shm": shm},
+        counters={**counters, "evictions": s["evictions"]}, leases=s["leases"],
+        encoders={name: pb.EncoderStats(**info) for name, info in encoders.items()})

@@ -1,0 +1,100 @@
+"""The daemon's TOML config, with defaults and flag overrides. Keys a build does not implement yet
+are accepted with a warning, never a crash; bad values fail at load with the value named."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from cached_client.units import parse_size
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Config", "load_config"]
+
+log = logging.getLogger(__name__)
+
+_NOT_YET = {"disk_dir", "disk_bytes", "compression"}  # the disk tier (issue 4)
+
+
+@dataclass
+class Config:
+    socket: str = ""                # empty: resolved as DESIGN.md says
+    tcp: str = ""                   # e.g. "127.0.0.1:7070"; off when empty
+    group: str = ""                 # group owning the socket and the segments
+    workers: int = 32               # gRPC handler threads
+    shm_dir: str = "/dev/shm"
+    shm_bytes: str = "4GiB"         # bytes or a percentage of shm_dir
+    allowed_roots: list[str] = field(default_factory=list)
+    max_pixels: int = 16384 * 16384
+    decode_workers: int = 0         # 0: min(8, cpus)
+    encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def shm_capacity(self) -> int:
+        st = os.statvfs(self.shm_dir)
+        return parse_size(self.shm_bytes, total=st.f_blocks * st.f_frsize, what="shm_bytes")
+
+
+_SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "server": {"socket": str, "tcp": str, "group": str, "workers": int},
+    "store": {"shm_dir": str, "shm_bytes": (str, int), "allowed_roots": list, "max_pixels": int,
+              "decode_workers": int, "disk_dir": str, "disk_bytes": (str, int), "compression": str},
+}
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Config from a TOML file (optional) plus flag overrides (None values ignored)."""
+    raw: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as f:
+            try:
+                raw = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    cfg = Config()
+    for section, table in raw.items():
+        if section == "encoders":
+            if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+                raise ValueError("[encoders.NAME] tables must each be a table of options")
+            cfg.encoders = {name: dict(opts) for name, opts in table.items()}
+        elif section in _SECTIONS:
+            _apply(cfg, section, table)
+        else:
+            log.warning("config section [%s] is not implemented in this build; ignored", section)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            setattr(cfg, key, value)
+    _validate(cfg)
+    return cfg
+
+
+def _apply(cfg: Config, section: str, table: dict[str, Any]) -> None:
+    known = _SECTIONS[section]
+    for key, value in table.items():
+        if key not in known:
+            log.warning("config key %s.%s is unknown to this build; ignored", section, key)
+            continue
+        if not isinstance(value, known[key]) or isinstance(value, bool):
+            raise ValueError(f"{section}.{key} has the wrong type: {value!r}")
+        if key in _NOT_YET:
+            log.warning("config key %s.%s is not implemented in this build yet; ignored", section, key)
+            continue
+        setattr(cfg, key, value)
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.workers < 1:
+        raise ValueError(f"server.workers must be >= 1, got {cfg.workers!r}")
+    if cfg.max_pixels < 1:
+        raise ValueError(f"store.max_pixels must be >= 1, got {cfg.max_pixels!r}")
+    if not all(isinstance(r, str) and os.path.isabs(r) for r in cfg.allowed_roots):
+        raise ValueError(f"store.allowed_roots must be absolute paths, got {cfg.allowed_roots!r}")
+    if not os.path.isdir(cfg.shm_dir):
+        raise ValueError(f"store.shm_dir {cfg.shm_dir!r} is not a directory")
+    cfg.shm_capacity()  # parses shm_bytes, naming a bad value

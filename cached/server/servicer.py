@@ -1,0 +1,82 @@
+"""The gRPC servicer: each method decodes the request, calls one domain object, encodes the reply."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from cached_client._proto import cache_pb2 as pb
+from cached_client._proto import cache_pb2_grpc
+from cached_client.errors import DaemonUnavailable, InvalidSpec
+from cached_client.wire import unpack_leases
+
+from ..engine import Engine
+from . import codec
+
+__all__ = ["CacheServicer"]
+
+TIERS = ("", "all", "shm", "disk")
+
+
+class CacheServicer(cache_pb2_grpc.CacheServicer):
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self.engine: Engine | None = None  # set once encoders are loaded and the store is mapped
+        self.started = time.monotonic()
+
+    def _ready(self) -> Engine:
+        if self.engine is None:
+            raise DaemonUnavailable("daemon is starting: encoders are still loading")
+        return self.engine
+
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
+        engine = self._ready()
+        owner = codec.owner_of(request.owner)
+        if request.release and owner is not None:
+            engine.store.release(owner, unpack_leases(request.release))
+        results = engine.get(request.encoder, request.specs, request.compute, owner)
+        return codec.get_response(self.instance, engine.store, results)
+
+    def Warm(self, request: pb.WarmRequest, context: grpc.ServicerContext) -> Iterator[pb.WarmProgress]:
+        for progress in self._ready().warm(request.encoder, request.specs):
+            if not context.is_active():  # the client cancelled: stop queueing more work
+                return
+            yield codec.warm_progress(progress)
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
+        owner = codec.owner_of(request.owner)
+        if owner is None:
+            raise InvalidSpec("Release needs an owner")
+        return pb.ReleaseResponse(released=self._ready().store.release(owner, unpack_leases(request.leases)))
+
+    def Evict(self, request: pb.EvictRequest, context: grpc.ServicerContext) -> pb.EvictResponse:
+        if request.tier not in TIERS:
+            raise InvalidSpec(f"tier must be one of shm, disk, all; got {request.tier!r}")
+        if not (request.all or request.encoder or request.source_prefix or request.keys):
+            raise InvalidSpec("evict needs all, an encoder, a source prefix or keys")
+        engine = self._ready()
+        try:
+            keys = {bytes.fromhex(k) for k in request.keys}
+        except ValueError:
+            raise InvalidSpec(f"keys must be hex digests, got {list(request.keys)[:3]!r}") from None
+
+        def match(entry: Any) -> bool:
+            return bool(request.all
+                        or (request.encoder and entry.meta.get("encoder") == request.encoder)
+                        or (request.source_prefix and entry.meta.get("source", "").startswith(request.source_prefix))
+                        or entry.key in keys)
+
+        entries, freed, pending = engine.store.evict(match)
+        return pb.EvictResponse(entries=entries, bytes=freed, pending=pending)
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        engine = self._ready()
+        encoders = {
+            name: {**enc.describe(), "items": b.items, "batches": b.batches,
+                   "max_batch_seen": b.max_batch_seen, "busy_s": b.busy_s}
+            for name, enc in engine.encoders.items() if (b := engine.batchers[name])}
+        return codec.stats_response(self.instance, time.monotonic() - self.started, engine.store,
+                                    dict(engine.counters), encoders)

@@ -1,0 +1,247 @@
+"""The shared-memory tier: sealed entries in a few arenas, leases, and LRU eviction.
+
+An entry is written once into a slot and sealed; it is never modified. A client that has a live view
+of an entry holds a lease on it, and an entry with leases is never reclaimed: eviction takes the least
+recently used entry that nobody holds. Evicting a held entry only drops it from the index; its slot
+is freed when its last lease goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from cached_client.errors import CapacityError
+from cached_client.wire import Layout
+
+from .alloc import PAGE, round_up
+from .arena import Arena, check_shm_capacity
+from .names import hold_instance_lock, lock_name, segment_name, sweep_stale
+from .slot import TensorBytes, plan_slot, write_slot
+
+__all__ = ["ShmStore", "Entry", "Owner"]
+
+log = logging.getLogger(__name__)
+
+MAX_ARENA = 1 << 30
+
+# (pid, process start time, client id, pid namespace inode)
+Owner = tuple[int, float, str, int]
+
+
+@dataclass(eq=False)
+class Entry:
+    key: bytes
+    segment: int
+    offset: int
+    length: int
+    generation: int
+    layout_id: int
+    meta: dict[str, str]
+    leases: int = 0
+    indexed: bool = True  # False once evicted while held: freed when the last lease goes
+
+
+@dataclass
+class _Layouts:
+    """Interns tensor tables so a reply names a small id instead of repeating the table."""
+
+    ids: dict[Layout, int] = field(default_factory=dict)
+    by_id: dict[int, Layout] = field(default_factory=dict)
+
+    def intern(self, layout: Layout) -> int:
+        lid = self.ids.get(layout)
+        if lid is None:
+            lid = self.ids[layout] = len(self.ids) + 1
+            self.by_id[lid] = layout
+        return lid
+
+
+class ShmStore:
+    """Owns the daemon's arenas. All methods are thread-safe."""
+
+    def __init__(self, shm_dir: str, capacity: int, instance: str, group: int | None = None,
+                 arena_bytes: int = MAX_ARENA) -> None:
+        if capacity < PAGE:
+            raise ValueError(f"shm_bytes must be at least {PAGE}, got {capacity!r}")
+        self.shm_dir = shm_dir
+        self.instance = instance
+        sweep_stale(shm_dir)
+        check_shm_capacity(shm_dir, capacity)
+        self._lock_fd = hold_instance_lock(shm_dir, instance)
+        self.arenas: list[Arena] = []
+        try:
+            n = -(-capacity // arena_bytes)
+            per = round_up(-(-capacity // n))
+            for seq in range(n):
+                self.arenas.append(Arena(shm_dir, segment_name(instance, seq), per, group))
+        except BaseException:
+            self.close()
+            raise
+        self.capacity = sum(a.size for a in self.arenas)
+        self.layouts = _Layouts()
+        self._mu = threading.RLock()
+        self._index: dict[bytes, Entry] = {}
+        self._lru: OrderedDict[bytes, Entry] = OrderedDict()  # indexed entries nobody holds
+        self._leases: dict[int, tuple[Owner, Entry]] = {}
+        self._by_owner: dict[Owner, set[int]] = {}
+        self._next_lease = 1
+        self._generation = 0
+        self.evictions = 0
+        self.bytes_used = 0
+        log.info("shared memory: %d arena(s), %d bytes in %s", len(self.arenas), self.capacity, shm_dir)
+
+    # lookups and writes
+
+    def lookup(self, key: bytes) -> Entry | None:
+        with self._mu:
+            entry = self._index.get(key)
+            if entry is not None and entry.key in self._lru:
+                self._lru.move_to_end(key)
+            return entry
+
+    def put(self, key: bytes, tensors: dict[str, TensorBytes], meta: dict[str, str]) -> Entry:
+        """Writes and seals an entry (or returns the one already there). CapacityError when every
+        byte is held by leases."""
+        layout, layout_json, length = plan_slot(tensors)
+        with self._mu:
+            existing = self._index.get(key)
+            if existing is not None:
+                return existing
+            segment, offset = self._allocate(length, key)
+            self._generation += 1
+            entry = Entry(key, segment, offset, round_up(length), self._generation,
+                          self.layouts.intern(layout), meta)
+            # Writing under the lock is simple and cheap next to encoding (a memcpy of < 1 MiB);
+            # the slot is not in the index until it is complete, so no reader sees it half-written.
+            view = self.arenas[segment].view[offset:offset + length]
+            write_slot(view, key, entry.generation, layout, layout_json, tensors)
+            self._index[key] = entry
+            self._lru[key] = entry
+            self.bytes_used += entry.length
+            return entry
+
+    def _allocate(self, length: int, key: bytes) -> tuple[int, int]:
+        if round_up(length) > max(a.size for a in self.arenas):
+            raise CapacityError(f"entry {key.hex()[:16]} needs {length} bytes, more than an arena "
+                                f"holds ({self.arenas[0].size}); raise shm_bytes")
+        while True:
+            for i, arena in enumerate(self.arenas):
+                off = arena.alloc.alloc(length)
+                if off is not None:
+                    return i, off
+            if not self._lru:
+                raise CapacityError(
+                    f"shared memory is full: {self.bytes_used} of {self.capacity} bytes are held by "
+                    f"clients' leases; raise shm_bytes or hold fewer entries at once")
+            _, victim = self._lru.popitem(last=False)
+            self._drop(victim)
+            self.evictions += 1
+
+    def _drop(self, entry: Entry) -> None:
+        """Removes from the index; frees the slot now if nobody holds it."""
+        if entry.indexed:
+            del self._index[entry.key]
+            self._lru.pop(entry.key, None)
+            entry.indexed = False
+        if entry.leases == 0:
+            self.arenas[entry.segment].alloc.free(entry.offset, entry.length)
+            self.bytes_used -= entry.length
+
+    # leases
+
+    def lease(self, entry: Entry, owner: Owner) -> int | None:
+        """A new lease on an entry; None when it was evicted since it was looked up."""
+        with self._mu:
+            if not entry.indexed:
+                return None
+            lid = self._next_lease
+            self._next_lease += 1
+            self._leases[lid] = (owner, entry)
+            self._by_owner.setdefault(owner, set()).add(lid)
+            entry.leases += 1
+            if entry.leases == 1:
+                self._lru.pop(entry.key, None)
+            return lid
+
+    def release(self, owner: Owner, lease_ids: Iterable[int]) -> int:
+        """Gives back leases; ids that are not this owner's are ignored. Returns how many went."""
+        n = 0
+        with self._mu:
+            held = self._by_owner.get(owner)
+            if not held:
+                return 0
+            for lid in lease_ids:
+                if lid in held:
+                    held.discard(lid)
+                    self._unlease(lid)
+                    n += 1
+            if not held:
+                del self._by_owner[owner]
+        return n
+
+    def _unlease(self, lid: int) -> None:
+        _, entry = self._leases.pop(lid)
+        entry.leases -= 1
+        if entry.leases:
+            return
+        if entry.indexed:
+            self._lru[entry.key] = entry
+        else:
+            self._drop(entry)
+
+    def expire(self, is_alive: Callable[[Owner], bool]) -> int:
+        """Drops every lease of owners that `is_alive` says are gone; returns how many."""
+        with self._mu:
+            dead = [o for o in self._by_owner if not is_alive(o)]
+            n = 0
+            for owner in dead:
+                for lid in self._by_owner.pop(owner):
+                    self._unlease(lid)
+                    n += 1
+        if n:
+            log.info("expired %d lease(s) of %d dead client process(es)", n, len(dead))
+        return n
+
+    # eviction and reporting
+
+    def evict(self, match: Callable[[Entry], bool]) -> tuple[int, int, int]:
+        """Drops matching entries: (entries, bytes freed now, entries still held by leases)."""
+        with self._mu:
+            victims = [e for e in self._index.values() if match(e)]
+            freed = pending = 0
+            for entry in victims:
+                if entry.leases:
+                    pending += 1
+                else:
+                    freed += entry.length
+                self._drop(entry)
+            self.evictions += len(victims)
+            return len(victims), freed, pending
+
+    def stats(self) -> dict[str, int]:
+        with self._mu:
+            return {"entries": len(self._index), "bytes": self.bytes_used,
+                    "capacity_bytes": self.capacity, "leases": len(self._leases),
+                    "evictions": self.evictions}
+
+    def segment_paths(self) -> list[str]:
+        return [a.path for a in self.arenas]
+
+    def close(self) -> None:
+        """Unlinks every segment and the instance lock."""
+        for arena in self.arenas:
+            arena.close()
+        self.arenas = []
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            try:
+                os.unlink(os.path.join(self.shm_dir, lock_name(self.instance)))
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+            self._lock_fd = None

@@ -1,0 +1,202 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Owner(_message.Message):
+    __slots__ = ("pid", "start_time", "client_id", "pid_ns")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_NS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    start_time: float
+    client_id: str
+    pid_ns: int
+    def __init__(self, pid: _Optional[int] = ..., start_time: _Optional[float] = ..., client_id: _Optional[str] = ..., pid_ns: _Optional[int] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("encoder", "specs", "compute", "owner", "release")
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    SPECS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    encoder: str
+    specs: bytes
+    compute: bool
+    owner: Owner
+    release: bytes
+    def __init__(self, encoder: _Optional[str] = ..., specs: _Optional[bytes] = ..., compute: _Optional[bool] = ..., owner: _Optional[_Union[Owner, _Mapping]] = ..., release: _Optional[bytes] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("index", "code", "error", "message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    code: str
+    error: str
+    message: str
+    def __init__(self, index: _Optional[int] = ..., code: _Optional[str] = ..., error: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class GetResponse(_message.Message):
+    __slots__ = ("instance", "handles", "errors", "segments", "layouts")
+    class SegmentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    class LayoutsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUTS_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    handles: bytes
+    errors: _containers.RepeatedCompositeFieldContainer[ItemError]
+    segments: _containers.ScalarMap[int, str]
+    layouts: _containers.ScalarMap[int, str]
+    def __init__(self, instance: _Optional[str] = ..., handles: _Optional[bytes] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., segments: _Optional[_Mapping[int, str]] = ..., layouts: _Optional[_Mapping[int, str]] = ...) -> None: ...
+
+class WarmRequest(_message.Message):
+    __slots__ = ("encoder", "specs")
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    SPECS_FIELD_NUMBER: _ClassVar[int]
+    encoder: str
+    specs: bytes
+    def __init__(self, encoder: _Optional[str] = ..., specs: _Optional[bytes] = ...) -> None: ...
+
+class WarmProgress(_message.Message):
+    __slots__ = ("done", "total", "computed", "cached", "errors")
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    done: int
+    total: int
+    computed: int
+    cached: int
+    errors: _containers.RepeatedCompositeFieldContainer[ItemError]
+    def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., computed: _Optional[int] = ..., cached: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("owner", "leases")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    owner: Owner
+    leases: bytes
+    def __init__(self, owner: _Optional[_Union[Owner, _Mapping]] = ..., leases: _Optional[bytes] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("all", "encoder", "source_prefix", "keys", "tier")
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    all: bool
+    encoder: str
+    source_prefix: str
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    tier: str
+    def __init__(self, all: _Optional[bool] = ..., encoder: _Optional[str] = ..., source_prefix: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class EvictResponse(_message.Message):
+    __slots__ = ("entries", "bytes", "pending")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    bytes: int
+    pending: int
+    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("entries", "bytes", "capacity_bytes")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    bytes: int
+    capacity_bytes: int
+    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+
+class EncoderStats(_message.Message):
+    __slots__ = ("kind", "fingerprint", "devices", "items", "batches", "max_batch_seen", "busy_s")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SEEN_FIELD_NUMBER: _ClassVar[int]
+    BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    fingerprint: str
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    items: int
+    batches: int
+    max_batch_seen: int
+    busy_s: float
+    def __init__(self, kind: _Optional[str] = ..., fingerprint: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., items: _Optional[int] = ..., batches: _Optional[int] = ..., max_batch_seen: _Optional[int] = ..., busy_s: _Optional[float] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("instance", "uptime_s", "tiers", "counters", "encoders", "leases")
+    class TiersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: TierStats
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TierStats, _Mapping]] = ...) -> None: ...
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class EncodersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: EncoderStats
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[EncoderStats, _Mapping]] = ...) -> None: ...
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    ENCODERS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    uptime_s: float
+    tiers: _containers.MessageMap[str, TierStats]
+    counters: _containers.ScalarMap[str, int]
+    encoders: _containers.MessageMap[str, EncoderStats]
+    leases: int
+    def __init__(self, instance: _Optional[str] = ..., uptime_s: _Optional[float] = ..., tiers: _Optional[_Mapping[str, TierStats]] = ..., counters: _Optional[_Mapping[str, int]] = ..., encoders: _Optional[_Mapping[str, EncoderStats]] = ..., leases: _Optional[int] = ...) -> None: ...

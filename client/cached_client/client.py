@@ -1,0 +1,315 @@
+"""CacheClient: what a DataLoader worker uses to read entries.
+
+The client object is plain data (an address and timeouts): it pickles into spawned workers and
+survives fork. Everything live (the gRPC channel, the segment mappings, the handle cache and the
+leases) is made lazily in the process that uses it, keyed by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+
+from ._proto import cache_pb2 as pb
+from ._proto import cache_pb2_grpc
+from .address import resolve_address
+from .errors import CacheError, DaemonUnavailable, error_for
+from .specs import Spec, encode_specs
+from .views import HAVE_TORCH, Entry, Lease, Segment
+from .wire import HANDLE, Layout, decode_layout, pack_leases
+
+__all__ = ["CacheClient", "WarmResult"]
+
+ERROR_METADATA = "cached-error"
+RELEASE_BATCH = 1024     # idle leases that trigger a Release call of their own
+RELEASE_AFTER_S = 2.0    # ... or the age of the oldest one that does
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.enable_retries", 0),
+]
+
+
+_HEALTH = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+@dataclass
+class WarmResult:
+    total: int
+    computed: int
+    cached: int
+    failed: list[tuple[int, Spec, CacheError]]
+
+
+def _owner() -> pb.Owner:
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return pb.Owner(pid=os.getpid(), start_time=psutil.Process().create_time(),
+                    client_id=secrets.token_hex(8), pid_ns=ns)
+
+
+@dataclass(eq=False)
+class _Process:
+    """Everything a client holds in one process."""
+
+    channel: grpc.Channel
+    stub: cache_pb2_grpc.CacheStub
+    owner: pb.Owner
+    instance: str = ""
+    segments: dict[str, Segment] = field(default_factory=dict)
+    layouts: dict[int, Layout] = field(default_factory=dict)
+    handles: dict[tuple[str, Spec], Lease] = field(default_factory=dict)
+    idle: dict[int, tuple[str, Spec]] = field(default_factory=dict)  # lease id -> handle-cache key
+    idle_since: float = 0.0
+    dead: deque = field(default_factory=deque)  # (lease, epoch) appended by view finalizers
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reap(self) -> None:
+        """Makes leases whose views died idle, dropping their pages from this process."""
+        while self.dead:
+            lease, epoch = self.dead.popleft()
+            if lease.epoch != epoch or lease.alive():
+                continue  # revived since
+            lease.segment.drop_pages(lease.offset, lease.length)
+            if self.handles.get(lease.hkey) is lease:  # else it belonged to a restarted daemon
+                self.make_idle(lease)
+
+    def make_idle(self, lease: Lease) -> None:
+        if not self.idle:
+            self.idle_since = time.monotonic()
+        self.idle[lease.lease_id] = lease.hkey
+
+    def take_idle(self) -> list[int]:
+        """Idle lease ids to give back now; their handles leave the cache."""
+        ids = list(self.idle)
+        for lid in ids:
+            self.handles.pop(self.idle[lid], None)
+        self.idle.clear()
+        return ids
+
+    def release_due(self) -> bool:
+        return len(self.idle) >= RELEASE_BATCH or bool(
+            self.idle and time.monotonic() - self.idle_since > RELEASE_AFTER_S)
+
+    def new_instance(self, instance: str) -> None:
+        """The daemon restarted: its leases, layouts and segments are gone. Views already handed out
+        stay valid (their mappings live as long as they do)."""
+        self.instance = instance
+        self.segments.clear()
+        self.layouts.clear()
+        self.handles.clear()
+        self.idle.clear()
+        self.dead.clear()
+
+
+class CacheClient:
+    """Reads cache entries from the local cached daemon as zero-copy tensor views.
+
+    `address` is resolved as DESIGN.md says when not given. A call that can't reach the daemon keeps
+    retrying for `connect_timeout` seconds, then raises DaemonUnavailable; the same client works again
+    once the daemon is back. `timeout` bounds a whole call, encoding included (None: no bound).
+    Tensors are torch tensors when torch is importable, numpy arrays otherwise (or `tensors="numpy"`).
+    """
+
+    def __init__(self, address: str | None = None, *, timeout: float | None = None,
+                 connect_timeout: float = 10.0, tensors: str = "auto") -> None:
+        if connect_timeout < 0:
+            raise ValueError(f"connect_timeout must be >= 0, got {connect_timeout!r}")
+        if tensors not in ("auto", "torch", "numpy"):
+            raise ValueError(f"tensors must be 'auto', 'torch' or 'numpy', got {tensors!r}")
+        if tensors == "torch" and not HAVE_TORCH:
+            raise ValueError("tensors='torch' but torch is not installed")
+        self.address = address
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.tensors = tensors
+        self._pid = -1
+        self._proc: _Process | None = None
+
+    # pickling and fork: only the configuration travels
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"address": self.address, "timeout": self.timeout,
+                "connect_timeout": self.connect_timeout, "tensors": self.tensors}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"CacheClient({self.target!r})"
+
+    @property
+    def target(self) -> str:
+        return resolve_address(self.address)
+
+    def _process(self) -> _Process:
+        proc = self._proc
+        if proc is None or self._pid != os.getpid():
+            channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+            proc = _Process(channel, cache_pb2_grpc.CacheStub(channel), _owner())
+            self._proc, self._pid = proc, os.getpid()
+        return proc
+
+    # the public surface
+
+    def get(self, specs: Sequence[Spec], encoder: str, compute: bool = True) -> list[Entry]:
+        """One Entry per spec, in order. Misses are encoded by the daemon unless compute=False, which
+        raises CacheMiss instead. An item that fails raises its error (the first one, by index)."""
+        proc = self._process()
+        want_torch = self.tensors == "torch" or (self.tensors == "auto" and HAVE_TORCH)
+        out: list[Entry | None] = [None] * len(specs)
+        wanted: list[int] = []
+        with proc.lock:
+            proc.reap()
+            for i, spec in enumerate(specs):
+                lease = proc.handles.get((encoder, spec))
+                if lease is None:
+                    wanted.append(i)
+                    continue
+                proc.idle.pop(lease.lease_id, None)
+                out[i] = Entry(lease.key.hex(), spec, lease.views(proc.dead, want_torch))
+            release = proc.take_idle() if (wanted or proc.release_due()) else []
+        if wanted:
+            self._fetch(proc, encoder, [specs[i] for i in wanted], wanted, compute, release, out, want_torch)
+        elif release:
+            self._call(proc, "Release", pb.ReleaseRequest(owner=proc.owner, leases=pack_leases(release)))
+        return out  # type: ignore[return-value]
+
+    def _fetch(self, proc: _Process, encoder: str, specs: list[Spec], where: list[int], compute: bool,
+               release: list[int], out: list[Entry | None], want_torch: bool) -> None:
+        request = pb.GetRequest(encoder=encoder, specs=encode_specs(specs), compute=compute,
+                                owner=proc.owner, release=pack_leases(release))
+        reply = self._call(proc, "Get", request)
+        records = np.frombuffer(reply.handles, dtype=HANDLE)
+        failed = {e.index: e for e in reply.errors}
+        with proc.lock:
+            if reply.instance != proc.instance:
+                proc.new_instance(reply.instance)
+            for sid, path in reply.segments.items():
+                if path not in proc.segments:
+                    proc.segments[path] = Segment(path)
+            for lid, text in reply.layouts.items():
+                proc.layouts.setdefault(lid, decode_layout(text))
+            for j, spec in enumerate(specs):
+                if j in failed:
+                    continue
+                rec = records[j]
+                lease = Lease((encoder, spec), bytes(rec["key"]), int(rec["lease"]),
+                              proc.segments[reply.segments[int(rec["segment"])]],
+                              int(rec["offset"]), int(rec["length"]), proc.layouts[int(rec["layout"])])
+                proc.handles[lease.hkey] = lease
+                if failed:  # this call raises: nobody will see these views, so the lease is idle now
+                    proc.make_idle(lease)
+                else:
+                    out[where[j]] = Entry(lease.key.hex(), spec, lease.views(proc.dead, want_torch))
+        if failed:
+            first = failed[min(failed)]
+            raise error_for(first.code, f"item {where[first.index]}: {first.message}", first.error)
+
+    def warm(self, specs: Sequence[Spec], encoder: str,
+             progress: Callable[[pb.WarmProgress], None] | None = None) -> WarmResult:
+        """Computes entries without holding them; `progress` sees each streamed update."""
+        proc = self._process()
+        failed: list[tuple[int, Spec, CacheError]] = []
+        last = pb.WarmProgress(total=len(specs))
+        stream = proc.stub.Warm(pb.WarmRequest(encoder=encoder, specs=encode_specs(list(specs))),
+                                timeout=self.timeout)
+        try:
+            for last in stream:
+                for e in last.errors:
+                    failed.append((e.index, specs[e.index], error_for(e.code, e.message, e.error)))
+                if progress is not None:
+                    progress(last)
+        except grpc.RpcError as exc:
+            raise _mapped(exc, self.target) from exc
+        finally:
+            stream.cancel()  # stops the daemon's work if the caller was interrupted
+        return WarmResult(len(specs), last.computed, last.cached, failed)
+
+    def evict(self, *, all: bool = False, encoder: str | None = None, source_prefix: str | None = None,
+              keys: Iterable[str] = (), tier: str = "all") -> dict[str, int]:
+        """Drops entries from the cache. Entries still held by a client are freed when released."""
+        prefix = os.path.abspath(source_prefix) if source_prefix else ""
+        reply = self._call(self._process(), "Evict", pb.EvictRequest(
+            all=all, encoder=encoder or "", source_prefix=prefix, keys=list(keys), tier=tier))
+        return {"entries": reply.entries, "bytes": reply.bytes, "pending": reply.pending}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and tier sizes, as `cachectl stats --json` prints them."""
+        r = self._call(self._process(), "Stats", pb.StatsRequest())
+        return {
+            "instance": r.instance, "uptime_s": round(r.uptime_s, 3),
+            "tiers": {name: {"entries": t.entries, "bytes": t.bytes, "capacity_bytes": t.capacity_bytes}
+                      for name, t in r.tiers.items()},
+            **dict(r.counters), "leases": r.leases,
+            "encoders": {name: {"kind": e.kind, "devices": list(e.devices), "items": e.items,
+                                "batches": e.batches, "max_batch_seen": e.max_batch_seen,
+                                "busy_s": round(e.busy_s, 3), "fingerprint": e.fingerprint}
+                         for name, e in r.encoders.items()},
+        }
+
+    def health(self, timeout: float = 2.0) -> str:
+        """The daemon's grpc.health.v1 status ("SERVING", "NOT_SERVING", ...); DaemonUnavailable if
+        unreachable. Spoken in raw bytes, so the client needs no grpcio-health-checking."""
+        check = self._process().channel.unary_unary("/grpc.health.v1.Health/Check")
+        service = b"cached.v1.Cache"
+        try:
+            reply = check(b"\x0a" + bytes([len(service)]) + service, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _mapped(exc, self.target) from exc
+        status = reply[1] if len(reply) >= 2 and reply[0] == 0x08 else 0  # field 1, varint
+        return _HEALTH.get(status, "UNKNOWN")
+
+    def close(self) -> None:
+        """Gives back leases whose views are gone and closes the channel of this process."""
+        proc = self._proc
+        if proc is None or self._pid != os.getpid():
+            return
+        with proc.lock:
+            proc.reap()
+            release = proc.take_idle()
+        if release:
+            try:
+                self._call(proc, "Release", pb.ReleaseRequest(owner=proc.owner, leases=pack_leases(release)))
+            except CacheError:
+                pass  # the daemon expires them when this process is gone
+        proc.channel.close()
+        self._proc = None
+
+    # transport
+
+    def _call(self, proc: _Process, method: str, request: Any) -> Any:
+        """Calls with retries while the daemon is unreachable, for up to connect_timeout seconds."""
+        deadline = time.monotonic() + self.connect_timeout
+        delay = 0.05
+        while True:
+            try:
+                return getattr(proc.stub, method)(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                    raise _mapped(exc, self.target) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _mapped(exc: grpc.RpcError, target: str = "") -> CacheError:
+    code = exc.code()
+    name = dict(exc.trailing_metadata() or ()).get(ERROR_METADATA, "") if hasattr(exc, "trailing_metadata") else ""
+    if code == grpc.StatusCode.UNAVAILABLE and not name:
+        return DaemonUnavailable(f"no cached daemon answering at {target or 'its address'}: {exc.details()}")
+    return error_for(code.name, exc.details() or "", name)
