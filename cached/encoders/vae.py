@@ -1,13 +1,27 @@
-"""`diffusers-vae`: an AutoencoderKL from a local directory (config.json + *.safetensors).
+"""`diffusers-vae`: an AutoencoderKL-family model, from a local directory or a single-file checkpoint.
 
-The default output is what trainers feed the model: scaling_factor * (mean - shift_factor), in the
-configured dtype.
+Options (the config table of the encoder):
+- `path`: a directory in diffusers layout (config.json + *.safetensors), or one `.safetensors` file
+  (an original single-file checkpoint), which then needs `config`, a local directory holding the
+  matching config.json (loaded offline with `from_single_file(path, config=...)`).
+- `diffusers_class`: the diffusers class to load, "AutoencoderKL" by default; any diffusers model
+  whose `encode(x).latent_dist` is a diagonal Gaussian works (e.g. AutoencoderKLWan,
+  AutoencoderKLQwenImage).
+- `dtype` ("fp32" | "fp16" | "bf16"), `devices` (one replica each).
+- `sample`: "mean" | "sample" | "posterior"; see `latents.py` for what each stores (`latent`, or
+  `mean` + `logvar`) and how a trainer resamples from a posterior.
+- `scaling_factor`, `shift_factor`: override the config's; a config with `latents_mean` and
+  `latents_std` but no `scaling_factor` (Wan, Qwen-Image) is normalised per channel.
+- `enable_tiling`, `enable_slicing`: diffusers' memory savers for large images (tiling changes the
+  numbers slightly, so both are part of the fingerprint).
+
+Video autoencoders (any with a Conv3d, e.g. Wan and Qwen-Image) take (B, C, T, H, W): an image is
+encoded as one frame, T = 1, and that frame axis is dropped from the outputs, so every entry is
+(C, H/f, W/f) like any image latent (a Qwen-Image or Wan trainer adds it back with `unsqueeze(1)`).
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import logging
 import os
@@ -15,14 +29,26 @@ from typing import Any
 
 import torch
 
-from .base import Encoder, parse_dtype
+from .base import Encoder, Replica, parse_devices, parse_dtype
+from .latents import SAMPLE_MODES, normalisation_from_config, posterior_outputs
+from .loading import load_model, weight_files
 from .weights import WeightDigests
 
-__all__ = ["DiffusersVAE"]
+__all__ = ["DiffusersVAE", "resolve_diffusers_class"]
 
 log = logging.getLogger(__name__)
 
-SAMPLE_MODES = ("mean",)
+
+def resolve_diffusers_class(name: str) -> type:
+    """A diffusers model class by name; ValueError when there is none or it cannot encode."""
+    import diffusers
+    from diffusers import ModelMixin
+
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, ModelMixin) and hasattr(cls, "encode")):
+        raise ValueError(f"diffusers_class must name a diffusers autoencoder with an encode method, "
+                         f"got {name!r}")
+    return cls
 
 
 class DiffusersVAE(Encoder):
@@ -31,40 +57,90 @@ class DiffusersVAE(Encoder):
 
     def __init__(self, name: str, path: str, devices: list[str] | None = None, dtype: str = "fp32",
                  sample: str = "mean", scaling_factor: float | None = None,
-                 shift_factor: float | None = None, digests: WeightDigests | None = None) -> None:
-        from diffusers import AutoencoderKL  # heavy; only the daemon ever imports it
-
+                 shift_factor: float | None = None, digests: WeightDigests | None = None,
+                 config: str | None = None, diffusers_class: str = "AutoencoderKL",
+                 enable_tiling: bool = False, enable_slicing: bool = False) -> None:
         if sample not in SAMPLE_MODES:
             raise ValueError(f"encoder {name!r}: sample must be one of {SAMPLE_MODES}, got {sample!r}")
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise ValueError(f"encoder {name!r}: {path!r} has no config.json")
-        weights = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not weights:
-            raise ValueError(f"encoder {name!r}: {path!r} has no *.safetensors weights")
-        self.name = name
-        self.devices = list(devices or ["cpu"])
+        self.name, self.sample = name, sample
+        self.devices = parse_devices(devices)
         self.dtype = parse_dtype(dtype)
-        self.sample = sample
-        model = AutoencoderKL.from_pretrained(path, torch_dtype=self.dtype, local_files_only=True)
-        self.model = model.to(self.devices[0]).eval().requires_grad_(False)
-        cfg = self.model.config
-        self.scaling = float(cfg.scaling_factor if scaling_factor is None else scaling_factor)
-        default_shift = getattr(cfg, "shift_factor", None) or 0.0
-        self.shift = float(default_shift if shift_factor is None else shift_factor)
+        self.cls = resolve_diffusers_class(diffusers_class)
+        self.path, self.config_dir, files = _locate(name, path, config)
+        self.tiling, self.slicing = _flag("enable_tiling", enable_tiling), _flag("enable_slicing", enable_slicing)
+        self._replicas = [Replica(dev, self._load(dev, files)) for dev in self.devices]
+        model = self._replicas[0].model
+        self.video = any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
+        self.norm = normalisation_from_config(model.config, scaling_factor, shift_factor)
         digests = digests or WeightDigests()
-        with open(config_path, "rb") as f:
-            config_digest = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
         self.fingerprint = json.dumps({
-            "kind": self.kind, "weights": digests.files(weights), "config": config_digest,
-            "dtype": dtype, "sample": sample, "scaling": self.scaling, "shift": self.shift,
+            "kind": self.kind, "class": self.cls.__name__, "weights": digests.files(files),
+            "config": digests.file(os.path.join(self.config_dir, "config.json")), "dtype": dtype,
+            "sample": sample, "norm": self.norm.describe(), "tiling": self.tiling,
+            "slicing": self.slicing, "frames": 1 if self.video else None,
         }, sort_keys=True)
-        log.info("encoder %s: AutoencoderKL from %s on %s (%s), scaling %.6g shift %.6g",
-                 name, path, self.devices[0], dtype, self.scaling, self.shift)
+        log.info("encoder %s: %s from %s on %s (%s, %s), normalisation %s", name, self.cls.__name__,
+                 path, self.devices, dtype, sample, self.norm.describe())
 
-    @torch.inference_mode()
-    def encode(self, batch: Any, seeds: list[int]) -> dict[str, torch.Tensor]:
-        x = batch.to(self.devices[0], self.dtype)
-        dist = self.model.encode(x).latent_dist
-        latent = (dist.mean - self.shift) * self.scaling
-        return {"latent": latent.to(self.dtype)}
+    def _load(self, device: str, files: list[str]) -> torch.nn.Module:
+        if self.path != self.config_dir:
+            model = self.cls.from_single_file(self.path, config=self.config_dir, torch_dtype=self.dtype,
+                                              local_files_only=True)
+            model = model.to(device).eval().requires_grad_(False)
+        else:
+            cls, where = self.cls, self.path
+            model = load_model(lambda: cls.from_config(cls.load_config(where)),
+                               lambda: cls.from_pretrained(where, torch_dtype=self.dtype, local_files_only=True),
+                               files, device, self.dtype)
+        for flag, method in ((self.tiling, "enable_tiling"), (self.slicing, "enable_slicing")):
+            if flag:
+                if not hasattr(model, method):
+                    raise ValueError(f"encoder {self.name!r}: {self.cls.__name__} has no {method}")
+                getattr(model, method)()
+        return model
+
+    def _encode(self, rep: Replica, batch: Any, seeds: list[int]) -> dict[str, torch.Tensor]:
+        x = batch.to(rep.device, self.dtype)
+        if self.video:
+            x = x.unsqueeze(2)
+        dist = getattr(rep.model.encode(x), "latent_dist", None)
+        if dist is None:
+            raise TypeError(f"encoder {self.name!r}: {self.cls.__name__}.encode returns no latent_dist")
+        mean, logvar = dist.mean, dist.logvar
+        if self.video:
+            mean, logvar = mean.squeeze(2), logvar.squeeze(2)
+        return posterior_outputs(mean, logvar, self.sample, self.norm, seeds, self.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "class": self.cls.__name__, "sample": self.sample,
+                "dtype": str(self.dtype).removeprefix("torch."), "video": self.video}
+
+
+def _locate(name: str, path: str, config: str | None) -> tuple[str, str, list[str]]:
+    """(path, config dir, weight files): a diffusers directory, or a single file plus its config."""
+    if not isinstance(path, str) or not os.path.exists(path):
+        raise ValueError(f"encoder {name!r}: path {path!r} does not exist")
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"encoder {name!r}: a single-file checkpoint must be .safetensors, got {path!r}")
+        if not config:
+            raise ValueError(f"encoder {name!r}: single-file checkpoint {path!r} needs config = a "
+                             "directory with its config.json")
+        if not os.path.isfile(os.path.join(config, "config.json")):
+            raise ValueError(f"encoder {name!r}: config {config!r} has no config.json")
+        return path, config, [path]
+    if config is not None:
+        raise ValueError(f"encoder {name!r}: config is for single-file checkpoints; {path!r} is a "
+                         f"directory, got config {config!r}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"encoder {name!r}: {path!r} has no config.json")
+    weights = weight_files(path, "diffusion_pytorch_model")
+    if not weights:
+        raise ValueError(f"encoder {name!r}: {path!r} has no *.safetensors weights")
+    return path, path, weights
+
+
+def _flag(option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{option} must be true or false, got {value!r}")
+    return value

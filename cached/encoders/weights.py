@@ -1,4 +1,5 @@
-"""Digests of weight files, remembered by (path, size, mtime) so a restart does not rehash gigabytes."""
+"""Digests of weights: files, remembered by (path, size, mtime) so a restart does not rehash
+gigabytes, and in-memory state dicts (for plugin modules)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["WeightDigests"]
+import torch
+
+__all__ = ["WeightDigests", "state_dict_digest", "json_digest"]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 8 << 20
+_LOUD = 64 << 20  # files hashed at INFO level: those that take a noticeable time
 
 
 class WeightDigests:
@@ -22,6 +28,7 @@ class WeightDigests:
         self.memo_path = memo_path
         self._mu = threading.Lock()
         self._memo: dict[str, list] = {}
+        self.hashed = 0  # files read and hashed by this instance (memo misses)
         if memo_path and os.path.exists(memo_path):
             try:
                 with open(memo_path) as f:
@@ -30,6 +37,7 @@ class WeightDigests:
                 log.warning("ignoring unreadable weight digest memo %s: %s", memo_path, exc)
 
     def file(self, path: str) -> str:
+        """blake2b-256 hex digest of a file's bytes, from the memo when its size, mtime and inode match."""
         path = os.path.realpath(path)
         st = os.stat(path)
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
@@ -37,12 +45,15 @@ class WeightDigests:
             hit = self._memo.get(path)
             if hit and hit[:3] == stamp:
                 return str(hit[3])
+        log.log(logging.INFO if st.st_size > _LOUD else logging.DEBUG, "hashing %s (%.1f MB)", path,
+                st.st_size / 1e6)
         h = hashlib.blake2b(digest_size=32)
         with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
         digest = h.hexdigest()
         with self._mu:
+            self.hashed += 1
             self._memo[path] = [*stamp, digest]
             self._save()
         return digest
@@ -64,3 +75,19 @@ class WeightDigests:
             os.replace(tmp, self.memo_path)
         except OSError as exc:
             log.warning("cannot save weight digest memo %s: %s", self.memo_path, exc)
+
+
+def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """blake2b-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """A short digest of a JSON-able value in canonical form (sorted keys)."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
