@@ -59,4 +59,9 @@ def stats_response(instance: str, uptime: float, store: ShmStore, counters: dict
     return pb.StatsResponse(
         instance=instance, uptime_s=uptime, tiers={"shm": shm},
         counters={**counters, "evictions": s["evictions"]}, leases=s["leases"],
-        encoders={name: pb.EncoderStats(**info) for name, info in encoders.items()})
+        encoders={name: _encoder_stats(info) for name, info in encoders.items()})
+
+
+def _encoder_stats(info: dict[str, Any]) -> pb.EncoderStats:
+    fields = pb.EncoderStats.DESCRIPTOR.fields_by_name
+    return pb.EncoderStats(**{k: v for k, v in info.items() if k in fields})
