@@ -184,24 +184,31 @@ def test_golden_bytes_of_an_uncompressed_entry() -> None:
     assert len(expected) % 64 == 32 and (8 + len(header) + 11) % 64 == 0
 
 
-GOLDEN_LZ4 = (
-    b'\xb8\x01\x00\x00\x00\x00\x00\x00{"__metadata__":{"cached.codec":"lz4+shuffle","cached.format":"1",'
+GOLDEN_LZ4_HEADER = (
+    b'\xf8\x01\x00\x00\x00\x00\x00\x00{"__metadata__":{"cached.codec":"lz4+shuffle","cached.format":"1",'
     b'"cached.key":"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",'
-    b'"cached.layout":"[[\\"latent\\",\\"float32\\",[2,2,2],0,32]]","cached.raw_bytes":"32",'
-    b'"cached.xxh3":"6633ad0c46070c8979be487583b107d0","encoder":"vae","source":"/data/a.png",'
-    b'"spec":"[\\"i\\",\\"/data/a.png\\",16,16,\\"center\\",false]"},'
-    b'"cached.lz4":{"data_offsets":[0,21],"dtype":"U8","shape":[21]}}    '
-    b'\x1c\x00\x01\x00\xf0\x00\x80\x00@\x80\xa0\xc0\xe0\x00?@@@@@@')
+    b'"cached.layout":"[[\\"latent\\",\\"float32\\",[64],0,256]]","cached.planes":"[64,64,64,55]",'
+    b'"cached.raw_bytes":"256","cached.xxh3":"9d82e2d798ead8dea956cc652740d065","encoder":"vae",'
+    b'"source":"/data/a.png","spec":"[\\"i\\",\\"/data/a.png\\",16,16,\\"center\\",false]"},'
+    b'"cached.lz4":{"data_offsets":[0,247],"dtype":"U8","shape":[247]}}' + b" " * 35)
+GOLDEN_LZ4_DATA = bytes.fromhex(  # three raw planes (mantissa bytes), then plane 3 as an LZ4 block
+    "00a4b7c3cf108c469532f85cd82272441025b369c81015e7fc38080e2ae9a4064d39f7c238ea9f4bbcfb2831a1d09ae8"
+    "5622ff24a0b4cdf45efde743237ff24b006ac781bd7c0f30460144ff5c209879681e4079b62f05a1d38737d5b4e3efde"
+    "2afa713ae5bebdbbbf6da1ef03d4db13ac29559493b60cef84502c0110533a5f00d7689041f58fa87d530bff09577da6"
+    "93f6409969d611d8678743f48aa97c4e0dff075b7da497f63ea26ad491d9667d44f486ab7c4a0fff055f7ea39cf73dab"
+    "fa1e003e3f3dbfbebe3e3f3ebfbebf3e3f3ebebebf3d3f3ebcbebfbd3f3e3ebebfbe3f3e3fbebfbe3e3e3fbdbfbe3c2c"
+    "00503ebebebf3d")
 
 
-def test_golden_bytes_of_a_compressed_entry_still_decode() -> None:
+def test_golden_bytes_of_a_compressed_entry() -> None:
     """Files written by format 1 must stay readable whatever LZ4 version writes new ones."""
-    tensors, meta = diskformat.decode(memoryview(GOLDEN_LZ4), bytes(range(32)))
-    assert bytes(tensors["latent"].data) == np.arange(8, dtype=np.float32).tobytes()
-    assert tensors["latent"].shape == (2, 2, 2) and meta["source"] == "/data/a.png"
-    enc = diskformat.encode(bytes(range(32)), {"latent": tb(np.arange(8, dtype=np.float32).reshape(2, 2, 2))},
-                            meta, "lz4+shuffle", min_saving=0.0)
-    assert bytes(enc.chunks[0]) == GOLDEN_LZ4[:448]
+    arr = (np.sin(np.arange(64)) * np.array([1, 0.5] * 32)).astype(np.float32)
+    tensors, meta = diskformat.decode(memoryview(GOLDEN_LZ4_HEADER + GOLDEN_LZ4_DATA), bytes(range(32)))
+    assert bytes(tensors["latent"].data) == arr.tobytes()
+    assert tensors["latent"].shape == (64,) and meta["source"] == "/data/a.png"
+    enc = diskformat.encode(bytes(range(32)), {"latent": tb(arr)}, meta, "lz4+shuffle", min_saving=0.0)
+    assert b"".join(bytes(c) for c in enc.chunks) == GOLDEN_LZ4_HEADER + GOLDEN_LZ4_DATA
+    assert len(GOLDEN_LZ4_HEADER) == 512
 
 
 def test_lru_eviction_keeps_the_tier_under_capacity(tmp_path) -> None:

@@ -1,16 +1,17 @@
 """Byte-shuffle + LZ4: the "lz4" compression of the disk tier.
 
-Latents are floats whose low mantissa bytes are noise; plain LZ4 finds almost nothing to match in them
-(bench/results/compression.md: ratio ~0.996, i.e. it grows the data). Splitting each tensor into byte
-planes first puts the sign/exponent bytes of all elements side by side, where LZ4 does find repeats:
+Latents are floats whose low mantissa bytes are noise; plain LZ4 finds nothing to match in them
+(bench/results/compression.md: ratio 0.996, it grows the data). Split into byte planes, the
+sign/exponent bytes of all elements sit side by side, where LZ4 does find repeats:
 
-    elements  e0 = [a0 b0 c0 d0]  e1 = [a1 b1 c1 d1]  ...       (itemsize 4, little-endian)
-    shuffled  a0 a1 a2 ... | b0 b1 b2 ... | c0 c1 ... | d0 d1 ...   (plane k = byte k of every element)
+    elements  e0 = [a0 b0 c0 d0]  e1 = [a1 b1 c1 d1]  ...      (itemsize 4, little-endian)
+    planes    a0 a1 a2 ... | b0 b1 b2 ... | c0 c1 ... | d0 d1 ...  (plane k = byte k of every element)
 
-Every tensor is shuffled with its own itemsize, the shuffled tensors are laid back to back in layout
-order, and the whole is one LZ4 block with no size prefix (the caller records the raw length).
-Shuffling works on whole-array shifts of unsigned views, several GB/s in numpy, so decoding stays
-faster than the disk it reads from.
+Each plane is stored on its own, in tensor order then plane order: as one LZ4 block (no size
+prefix) when that saves at least MIN_PLANE_SAVING, else raw. The stored lengths are recorded; a
+plane whose stored length equals its raw length is raw. Noise planes thus cost neither the LZ4
+expansion nor its decode time, and decoding touches LZ4 only for the exponent planes.
+Shuffling uses whole-array shifts of unsigned views (several GB/s in numpy, GIL released).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from collections.abc import Sequence
 import lz4.block
 import numpy as np
 
-__all__ = ["CODECS", "NONE", "LZ4_SHUFFLE", "shuffle_into", "unshuffle_into", "pack", "unpack"]
+__all__ = ["CODECS", "NONE", "LZ4_SHUFFLE", "MIN_PLANE_SAVING", "shuffle", "unshuffle_into", "pack", "unpack"]
 
 NONE = "none"
 LZ4_SHUFFLE = "lz4+shuffle"
 CODECS = (NONE, LZ4_SHUFFLE)
+MIN_PLANE_SAVING = 1 / 32
 
 _UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
@@ -33,57 +35,68 @@ def _bytes(buf: object) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8)  # type: ignore[call-overload]
 
 
-def shuffle_into(src: memoryview, itemsize: int, out: np.ndarray) -> None:
-    """Writes the byte planes of `src` (elements of `itemsize` bytes) into the uint8 array `out`."""
+def shuffle(src: memoryview, itemsize: int) -> list[np.ndarray]:
+    """The `itemsize` byte planes of `src` (elements of `itemsize` bytes), plane 0 first."""
     raw = _bytes(src)
-    if itemsize == 1 or raw.size == 0:
-        out[:] = raw
-        return
+    if raw.size == 0:
+        return [raw] * itemsize
+    if itemsize == 1:
+        return [raw]
     words = raw.view(_UINT[itemsize])
-    n = words.size
-    for k in range(itemsize):
-        out[k * n:(k + 1) * n] = words >> (8 * k) if k else words  # assignment truncates to the low byte
+    return [(words >> (8 * k) if k else words).astype(np.uint8) for k in range(itemsize)]
 
 
-def unshuffle_into(planes: np.ndarray, itemsize: int, out: memoryview) -> None:
-    """Inverse of shuffle_into: interleaves the planes in `planes` back into elements in `out`."""
+def unshuffle_into(planes: Sequence[np.ndarray], out: memoryview) -> None:
+    """Inverse of shuffle: interleaves the planes (uint8 arrays, plane 0 first) into `out`."""
     dst = _bytes(out)
-    if itemsize == 1 or dst.size == 0:
-        dst[:] = planes
+    if dst.size == 0:
         return
-    words = dst.view(_UINT[itemsize])
-    n = words.size
-    words[:] = planes[(itemsize - 1) * n:]
-    for k in range(itemsize - 2, -1, -1):
+    if len(planes) == 1:
+        dst[:] = planes[0]
+        return
+    words = dst.view(_UINT[len(planes)])
+    words[:] = planes[-1]
+    for plane in reversed(planes[:-1]):
         words <<= 8
-        words |= planes[k * n:(k + 1) * n]
+        words |= plane
 
 
-def pack(chunks: Sequence[tuple[memoryview, int]]) -> bytes:
-    """One LZ4 block of the shuffled (buffer, itemsize) chunks, laid back to back."""
-    total = sum(buf.nbytes for buf, _ in chunks)
-    staged = np.empty(total, dtype=np.uint8)
-    off = 0
+def pack(chunks: Sequence[tuple[memoryview, int]]) -> tuple[list[memoryview], list[int]]:
+    """The stored planes of the (buffer, itemsize) chunks, in order, and their lengths."""
+    stored: list[memoryview] = []
     for buf, itemsize in chunks:
-        shuffle_into(buf, itemsize, staged[off:off + buf.nbytes])
-        off += buf.nbytes
-    return lz4.block.compress(staged, store_size=False)
+        for plane in shuffle(buf, itemsize):
+            block = lz4.block.compress(plane, store_size=False) if plane.size else b""
+            keep = len(block) <= plane.size * (1 - MIN_PLANE_SAVING) and len(block) < plane.size
+            stored.append(memoryview(block) if keep else memoryview(plane))
+    return stored, [s.nbytes for s in stored]
 
 
-def unpack(block: memoryview, chunks: Sequence[tuple[int, int, int]], raw_bytes: int) -> bytearray:
-    """Decodes a pack() block into one new buffer; `chunks` are (offset, nbytes, itemsize) in order.
-
-    ValueError if the block is not valid LZ4 or does not decode to exactly `raw_bytes`.
-    """
+def _plane(data: memoryview, stored: int, size: int) -> np.ndarray:
+    if stored == size:
+        return _bytes(data)
     try:
-        planes = lz4.block.decompress(block, uncompressed_size=raw_bytes)
+        plane = lz4.block.decompress(data, uncompressed_size=size)
     except lz4.block.LZ4BlockError as exc:
         raise ValueError(f"bad LZ4 block ({exc})") from exc
-    if len(planes) != raw_bytes:
-        raise ValueError(f"LZ4 block decoded to {len(planes)} bytes, expected {raw_bytes}")
-    src = _bytes(planes)
-    out = bytearray(raw_bytes)
-    view = memoryview(out)
-    for off, nbytes, itemsize in chunks:
-        unshuffle_into(src[off:off + nbytes], itemsize, view[off:off + nbytes])
-    return out
+    if len(plane) != size:
+        raise ValueError(f"LZ4 block decoded to {len(plane)} bytes, expected {size}")
+    return _bytes(plane)
+
+
+def unpack(data: memoryview, chunks: Sequence[tuple[int, int]], stored: Sequence[int]) -> memoryview:
+    """Decodes pack()ed planes into one new buffer. `chunks` are each tensor's (nbytes, itemsize) in
+    order, `stored` the planes' stored lengths. ValueError when they disagree or a block is bad."""
+    if len(stored) != sum(itemsize for _, itemsize in chunks) or sum(stored) != data.nbytes:
+        raise ValueError(f"{len(stored)} planes of {sum(stored)} bytes do not match the layout and data")
+    view = memoryview(np.empty(sum(nbytes for nbytes, _ in chunks), dtype=np.uint8))  # no zero-fill
+    at = off = i = 0
+    for nbytes, itemsize in chunks:
+        planes = []
+        for _ in range(itemsize):
+            planes.append(_plane(data[at:at + stored[i]], stored[i], nbytes // itemsize))
+            at += stored[i]
+            i += 1
+        unshuffle_into(planes, view[off:off + nbytes])
+        off += nbytes
+    return view

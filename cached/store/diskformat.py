@@ -9,8 +9,8 @@ Header with codec "none": an ordinary safetensors file (`safetensors.safe_open` 
 
     {"__metadata__":{...},"latent":{"data_offsets":[0,16384],"dtype":"F32","shape":[4,32,32]}}
 
-Header with codec "lz4+shuffle": still valid safetensors, one U8 tensor holds the compressed block
-(the byte planes of every tensor, back to back, as one LZ4 block: see compress.py):
+Header with codec "lz4+shuffle": still valid safetensors, one U8 tensor holds the stored byte planes
+of every tensor (compress.py), each an LZ4 block or raw, back to back:
 
     {"__metadata__":{...},"cached.lz4":{"data_offsets":[0,D],"dtype":"U8","shape":[D]}}
 
@@ -22,6 +22,8 @@ Header with codec "lz4+shuffle": still valid safetensors, one U8 tensor holds th
     cached.layout     JSON [[name, dtype, shape, offset, nbytes], ...], name order, packed back to back
                       from 0 in the decoded data (which is the data section itself for "none")
     cached.raw_bytes  length of the decoded data
+    cached.planes     "lz4+shuffle" only: JSON [stored length of each plane], tensors in layout order,
+                      planes 0..itemsize-1 within each; equal to the raw plane length means raw
     cached.xxh3       XXH3-128 (32 hex digits) of the whole file as written with these 32 digits as "0"s
     anything else     the entry's meta (encoder, source, spec, ...), verbatim
 
@@ -107,11 +109,17 @@ def _check_meta(meta: dict[str, str]) -> None:
             raise ValueError(f"meta key {k!r} is reserved (cached.* and __*)")
 
 
-def _header(key: bytes, layout: Layout, meta: dict[str, str], codec: str, stored: int) -> bytes:
+def _compact(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _header(key: bytes, layout: Layout, meta: dict[str, str], codec: str, planes: list[int]) -> bytes:
     raw = sum(e[4] for e in layout)
+    stored = sum(planes) if codec != compress.NONE else raw
     md = {**meta, "cached.format": FORMAT, "cached.key": key.hex(), "cached.codec": codec,
-          "cached.layout": json.dumps([list(e) for e in layout], separators=(",", ":")),
-          "cached.raw_bytes": str(raw), SUM_KEY: ZERO_SUM}
+          "cached.layout": _compact([list(e) for e in layout]), "cached.raw_bytes": str(raw), SUM_KEY: ZERO_SUM}
+    if codec != compress.NONE:
+        md["cached.planes"] = _compact(planes)
     head: dict[str, object] = {"__metadata__": md}
     if codec == compress.NONE:
         for name, dtype, shape, off, nbytes in layout:
@@ -139,16 +147,17 @@ def encode(key: bytes, tensors: dict[str, TensorBytes], meta: dict[str, str], co
     layout = _layout(tensors)
     raw = sum(e[4] for e in layout)
     data = [_flat(tensors[e[0]].data) for e in layout]
+    planes: list[int] = []
     if codec != compress.NONE and raw:
-        block = compress.pack([(buf, DTYPES[e[1]][1]) for buf, e in zip(data, layout)])
-        if len(block) <= raw * (1 - min_saving):
-            data = [memoryview(block)]
+        packed, planes = compress.pack([(buf, DTYPES[e[1]][1]) for buf, e in zip(data, layout)])
+        if sum(planes) <= raw * (1 - min_saving):
+            data = packed
         else:
             codec = compress.NONE
     else:
         codec = compress.NONE
     stored = sum(d.nbytes for d in data)
-    head = _header(key, layout, meta, codec, stored)
+    head = _header(key, layout, meta, codec, planes)
     h = xxhash.xxh3_128(head)
     for d in data:
         h.update(d)
@@ -229,11 +238,11 @@ def decode(buf: memoryview, key: bytes | None = None) -> tuple[dict[str, TensorB
         raise CorruptEntry(f"bad header field ({exc!r})") from exc
     data = buf[start:]
     if codec == compress.LZ4_SHUFFLE:
-        chunks = [(off, nbytes, DTYPES[dtype][1]) for _, dtype, _, off, nbytes in layout]
+        chunks = [(nbytes, DTYPES[dtype][1]) for _, dtype, _, _, nbytes in layout]
         try:
-            data = memoryview(compress.unpack(data, chunks, raw_bytes))
-        except ValueError as exc:
-            raise CorruptEntry(str(exc)) from exc
+            data = compress.unpack(data, chunks, json.loads(md["cached.planes"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptEntry(f"bad compressed data ({exc})") from exc
     tensors = {name: TensorBytes(dtype, shape, data[off:off + nbytes])
                for name, dtype, shape, off, nbytes in layout}
     return tensors, {k: v for k, v in md.items() if not k.startswith("cached.")}
