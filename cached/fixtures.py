@@ -5,6 +5,7 @@ tokenizers built in code from a small vocabulary, and synthetic photos."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -44,10 +45,10 @@ def _bytes_to_unicode() -> dict[int, str]:
         if b not in bs:
             bs.append(b)
             cs.append(256 + len(cs) - 188)  # 188 printable bytes keep their own code point
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
-def tiny_clip_tokenizer(max_length: int = 16) -> object:
+def tiny_clip_tokenizer(max_length: int = 16) -> Any:
     """A CLIPTokenizer from an in-code vocabulary: every byte, and BPE merges for TINY_WORDS."""
     from transformers import CLIPTokenizer
 
@@ -64,10 +65,10 @@ def tiny_clip_tokenizer(max_length: int = 16) -> object:
             parts = [merged, *parts[2:]]
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)  # type: ignore[arg-type]
 
 
-def tiny_t5_tokenizer() -> object:
+def tiny_t5_tokenizer() -> Any:
     """A T5Tokenizer (unigram) from an in-code vocabulary of letters and TINY_WORDS."""
     from transformers import T5Tokenizer
 

@@ -93,7 +93,7 @@ def test_plugin_file_output_is_the_modules_forward(plugin_file: str, images: tor
         expected = in_process(plugin_file, channels=6, scale=0.5)(images)
     assert list(out) == ["latent"] and out["latent"].shape == (2, 6, 4, 4)
     torch.testing.assert_close(out["latent"], expected)
-    assert enc.input == "image" and enc.describe()["factory"] == "tinyplug:make"
+    assert enc.input == "image" and json.loads(enc.describe()["fingerprint"])["factory"] == "tinyplug:make"
 
 
 def test_plugin_from_a_sys_path_directory(plugin_file: str, images: torch.Tensor) -> None:

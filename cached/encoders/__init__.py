@@ -28,7 +28,7 @@ KINDS: dict[str, str] = {
     "python": "plugin:PythonPlugin",
 }
 
-_NOT_OPTIONS = {"self", "name", "digests"}
+_NOT_OPTIONS = {"name", "digests"}
 
 
 def build_encoder(name: str, options: dict[str, Any], digests: WeightDigests | None = None) -> Encoder:
@@ -41,7 +41,7 @@ def build_encoder(name: str, options: dict[str, Any], digests: WeightDigests | N
     known = options_of(cls)
     for key in sorted(set(opts) - known):
         log.warning("encoder %s: option %r is not implemented in this build; ignored", name, key)
-    missing = sorted(p.name for p in inspect.signature(cls.__init__).parameters.values()
+    missing = sorted(p.name for p in inspect.signature(cls).parameters.values()
                      if p.default is inspect.Parameter.empty and p.name not in _NOT_OPTIONS | set(opts))
     if missing:
         raise ValueError(f"encoder {name!r}: kind {kind} needs option(s) {missing}")
@@ -50,7 +50,7 @@ def build_encoder(name: str, options: dict[str, Any], digests: WeightDigests | N
 
 def options_of(cls: type) -> set[str]:
     """The config options an encoder class accepts: its keyword arguments."""
-    return set(inspect.signature(cls.__init__).parameters) - _NOT_OPTIONS
+    return set(inspect.signature(cls).parameters) - _NOT_OPTIONS
 
 
 def _encoder_class(kind: str) -> type:

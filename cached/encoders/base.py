@@ -13,7 +13,7 @@ Interface for the engine (the batcher):
   replica and may be called from one thread per replica concurrently; calls to the same replica are
   serialised by a lock inside the encoder. Outputs come back on the replica's device; the engine moves
   them to the CPU. The batcher keeps one worker per replica and hands each batch to the least loaded.
-- `encoder.fingerprint` is part of every entry key; `encoder.describe()` is a JSON-able summary.
+- `encoder.fingerprint` is part of every entry key; `encoder.describe()` is {kind, fingerprint, devices}.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["Encoder", "Replica", "DTYPES", "parse_dtype", "parse_devices"]
+__all__ = ["Encoder", "Replica", "DTYPES", "parse_dtype", "parse_devices", "parse_flag"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,12 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def parse_flag(option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{option} must be true or false, got {value!r}")
+    return value
 
 
 def parse_devices(devices: list[str] | str | None) -> list[str]:
@@ -114,4 +120,6 @@ class Encoder(ABC):
         raise NotImplementedError(f"{type(self).__name__} implements neither encode nor _encode")
 
     def describe(self) -> dict[str, Any]:
+        """kind, fingerprint and devices: exactly the fields of the Stats RPC's EncoderStats (the
+        fingerprint, JSON for the built-in kinds, carries every other setting)."""
         return {"kind": self.kind, "fingerprint": self.fingerprint, "devices": list(self.devices)}

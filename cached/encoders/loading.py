@@ -121,8 +121,9 @@ def _load_fast(build_empty: ModelFactory, files: list[str], device: str, dtype: 
         log.info("%s: %d keys the model does not name (e.g. %s); loading with from_pretrained",
                  type(model).__name__, len(unexpected), unexpected[0])
         return None
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
     empty = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if empty:
         log.info("%s: %d parameters missing from the files (e.g. %s); loading with from_pretrained",

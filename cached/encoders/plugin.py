@@ -107,8 +107,6 @@ class PythonPlugin(Encoder):
             raise TypeError(f"encoder {self.name!r}: outputs {bad} are not batch-first for {len(seeds)} items")
         return out
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "factory": self.factory, "dtype": str(self.dtype).removeprefix("torch.")}
 
 
 def _source_digest(module: ModuleType) -> str | None:

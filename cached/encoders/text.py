@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .base import Encoder, Replica, parse_devices, parse_dtype
+from .base import Encoder, Replica, parse_devices, parse_dtype, parse_flag
 from .loading import load_model, weight_files
 from .weights import WeightDigests
 
@@ -75,9 +75,7 @@ class HFText(Encoder):
 
         if padding != "max_length":
             raise ValueError(f"encoder {name!r}: padding must be 'max_length', got {padding!r}")
-        if not isinstance(use_attention_mask, bool):
-            raise ValueError(f"use_attention_mask must be true or false, got {use_attention_mask!r}")
-        self.name, self.use_mask = name, use_attention_mask
+        self.name, self.use_mask = name, parse_flag("use_attention_mask", use_attention_mask)
         self.devices = parse_devices(devices)
         self.dtype = parse_dtype(dtype)
         files = _model_files(name, path)
@@ -93,9 +91,9 @@ class HFText(Encoder):
         log.info("encoder %s: %s from %s on %s (%s), max_length %d, hidden_layer %d", name,
                  self.cls.__name__, path, self.devices, dtype, self.max_length, self.hidden_layer)
 
-    def _load(self, path: str, files: list[str], device: str) -> torch.nn.Module:
+    def _load(self, path: str, files: list[str], device: str) -> Any:
         cls, config = self.cls, self.config
-        model = load_model(lambda: cls._from_config(config),
+        model: Any = load_model(lambda: cls._from_config(config),
                            lambda: cls.from_pretrained(path, local_files_only=True, **_dtype_kwarg(self.dtype)),
                            files, device, self.dtype)
         return model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
@@ -133,9 +131,6 @@ class HFText(Encoder):
             result["pooled"] = pooled
         return result
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "class": self.cls.__name__, "max_length": self.max_length,
-                "hidden_layer": self.hidden_layer, "dtype": str(self.dtype).removeprefix("torch.")}
 
 
 def _model_files(name: str, path: str) -> list[str]:
@@ -147,7 +142,7 @@ def _model_files(name: str, path: str) -> list[str]:
     return files
 
 
-def _model_class(config: Any, override: str | None) -> type:
+def _model_class(config: Any, override: str | None) -> Any:
     import transformers
 
     names = [override] if override else list(getattr(config, "architectures", None) or [])

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .base import Encoder, Replica, parse_devices, parse_dtype
+from .base import Encoder, Replica, parse_devices, parse_dtype, parse_flag
 from .latents import SAMPLE_MODES, normalisation_from_config, posterior_outputs
 from .loading import load_model, weight_files
 from .weights import WeightDigests
@@ -39,7 +39,7 @@ __all__ = ["DiffusersVAE", "resolve_diffusers_class"]
 log = logging.getLogger(__name__)
 
 
-def resolve_diffusers_class(name: str) -> type:
+def resolve_diffusers_class(name: str) -> Any:
     """A diffusers model class by name; ValueError when there is none or it cannot encode."""
     import diffusers
     from diffusers import ModelMixin
@@ -67,7 +67,7 @@ class DiffusersVAE(Encoder):
         self.dtype = parse_dtype(dtype)
         self.cls = resolve_diffusers_class(diffusers_class)
         self.path, self.config_dir, files = _locate(name, path, config)
-        self.tiling, self.slicing = _flag("enable_tiling", enable_tiling), _flag("enable_slicing", enable_slicing)
+        self.tiling, self.slicing = parse_flag("enable_tiling", enable_tiling), parse_flag("enable_slicing", enable_slicing)
         self._replicas = [Replica(dev, self._load(dev, files)) for dev in self.devices]
         model = self._replicas[0].model
         self.video = any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
@@ -111,9 +111,6 @@ class DiffusersVAE(Encoder):
             mean, logvar = mean.squeeze(2), logvar.squeeze(2)
         return posterior_outputs(mean, logvar, self.sample, self.norm, seeds, self.dtype)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "class": self.cls.__name__, "sample": self.sample,
-                "dtype": str(self.dtype).removeprefix("torch."), "video": self.video}
 
 
 def _locate(name: str, path: str, config: str | None) -> tuple[str, str, list[str]]:
@@ -138,9 +135,3 @@ def _locate(name: str, path: str, config: str | None) -> tuple[str, str, list[st
     if not weights:
         raise ValueError(f"encoder {name!r}: {path!r} has no *.safetensors weights")
     return path, path, weights
-
-
-def _flag(option: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{option} must be true or false, got {value!r}")
-    return value
