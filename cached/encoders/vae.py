@@ -67,7 +67,9 @@ class DiffusersVAE(Encoder):
         self.dtype = parse_dtype(dtype)
         self.cls = resolve_diffusers_class(diffusers_class)
         self.path, self.config_dir, files = _locate(name, path, config)
-        self.tiling, self.slicing = parse_flag("enable_tiling", enable_tiling), parse_flag("enable_slicing", enable_slicing)
+        self.single_file = os.path.isfile(self.path)
+        self.tiling = parse_flag("enable_tiling", enable_tiling)
+        self.slicing = parse_flag("enable_slicing", enable_slicing)
         self._replicas = [Replica(dev, self._load(dev, files)) for dev in self.devices]
         model = self._replicas[0].model
         self.video = any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
@@ -83,7 +85,7 @@ class DiffusersVAE(Encoder):
                  path, self.devices, dtype, sample, self.norm.describe())
 
     def _load(self, device: str, files: list[str]) -> torch.nn.Module:
-        if self.path != self.config_dir:
+        if self.single_file:
             model = self.cls.from_single_file(self.path, config=self.config_dir, torch_dtype=self.dtype,
                                               local_files_only=True)
             model = model.to(device).eval().requires_grad_(False)
