@@ -123,10 +123,10 @@ def measure_codecs(kinds: dict[str, tuple[Items, str]]) -> list[list[object]]:
         raw = sum(a.nbytes for a in items)
         for variant, (enc, dec) in VARIANTS.items():
             blocks = [enc(a) for a in items]
-            for a, b in zip(items, blocks):
+            for a, b in zip(items, blocks, strict=True):
                 assert bytes(dec(b, a)) == a.tobytes()
             ct = _best_s(lambda: [enc(a) for a in items])  # noqa: B023
-            dt = _best_s(lambda: [dec(b, a) for a, b in zip(items, blocks)])  # noqa: B023
+            dt = _best_s(lambda: [dec(b, a) for a, b in zip(items, blocks, strict=True)])  # noqa: B023
             ratio = raw / sum(len(b) for bs in blocks for b in bs)
             rows.append([kind, variant, f"{ratio:.3f}", f"{raw / ct / 1e9:.2f}", f"{raw / dt / 1e9:.2f}",
                          f"{ratio * raw / dt / 1e9:.2f}"])
@@ -148,13 +148,13 @@ def measure_hits(kind: str, items: Items, dtype: str, workdir: str) -> list[list
         directory = os.path.join(workdir, f"disk-{comp}")
         with DiskTier(directory, 1 << 34, comp) as tier:
             keys = [i.to_bytes(32, "little") for i in range(len(items))]
-            for key, a in zip(keys, items):
+            for key, a in zip(keys, items, strict=True):
                 tier.put(key, {"latent": TensorBytes(dtype, a.shape, memoryview(a.reshape(-1).view(np.uint8)))},
                          {"encoder": "vae", "source": ""})
             on_disk = tier.stats()["bytes"]
 
             def read_all() -> None:
-                for key in keys:
+                for key in keys:  # noqa: B023
                     tensors, _ = tier.get(key)  # noqa: B023
                     bytes(tensors["latent"].data[:1])  # touch, as a copy into shm would
 

@@ -17,6 +17,7 @@ Shuffling uses whole-array shifts of unsigned views (several GB/s in numpy, GIL 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lz4.block
 import numpy as np
@@ -28,7 +29,7 @@ LZ4_SHUFFLE = "lz4+shuffle"
 CODECS = (NONE, LZ4_SHUFFLE)
 MIN_PLANE_SAVING = 1 / 32
 
-_UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_UINT: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
 def _bytes(buf: object) -> np.ndarray:
@@ -68,7 +69,7 @@ def pack(chunks: Sequence[tuple[memoryview, int]]) -> tuple[list[memoryview], li
         for plane in shuffle(buf, itemsize):
             block = lz4.block.compress(plane, store_size=False) if plane.size else b""
             keep = len(block) <= plane.size * (1 - MIN_PLANE_SAVING) and len(block) < plane.size
-            stored.append(memoryview(block) if keep else memoryview(plane))
+            stored.append(memoryview(block) if keep else plane.data)
     return stored, [s.nbytes for s in stored]
 
 
@@ -89,7 +90,7 @@ def unpack(data: memoryview, chunks: Sequence[tuple[int, int]], stored: Sequence
     order, `stored` the planes' stored lengths. ValueError when they disagree or a block is bad."""
     if len(stored) != sum(itemsize for _, itemsize in chunks) or sum(stored) != data.nbytes:
         raise ValueError(f"{len(stored)} planes of {sum(stored)} bytes do not match the layout and data")
-    view = memoryview(np.empty(sum(nbytes for nbytes, _ in chunks), dtype=np.uint8))  # no zero-fill
+    view = np.empty(sum(nbytes for nbytes, _ in chunks), dtype=np.uint8).data  # no zero-fill
     at = off = i = 0
     for nbytes, itemsize in chunks:
         planes = []

@@ -149,7 +149,7 @@ def encode(key: bytes, tensors: dict[str, TensorBytes], meta: dict[str, str], co
     data = [_flat(tensors[e[0]].data) for e in layout]
     planes: list[int] = []
     if codec != compress.NONE and raw:
-        packed, planes = compress.pack([(buf, DTYPES[e[1]][1]) for buf, e in zip(data, layout)])
+        packed, planes = compress.pack([(buf, DTYPES[e[1]][1]) for buf, e in zip(data, layout, strict=True)])
         if sum(planes) <= raw * (1 - min_saving):
             data = packed
         else:
