@@ -200,7 +200,7 @@ class DiskTier:
         """A row whose file is gone (deleted by hand, or lost to a power cut): drop the row."""
         with self._lock:
             self.counters["misses"] += 1
-            if not os.path.exists(self._path(key)):
+            if self._lock_fd is not None and not os.path.exists(self._path(key)):
                 self._account(self._index.delete([key]))
 
     def _drop_corrupt(self, key: bytes, path: str, st: os.stat_result, exc: CorruptEntry) -> None:
@@ -212,6 +212,8 @@ class DiskTier:
                 now = os.stat(path)
             except FileNotFoundError:
                 return
+            if self._lock_fd is None:
+                return
             if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):  # not a fresh copy written since
                 os.unlink(path)
                 self._account(self._index.delete([key]))
@@ -219,6 +221,8 @@ class DiskTier:
     def _touch(self, key: bytes) -> None:
         with self._lock:
             self.counters["hits"] += 1
+            if self._lock_fd is None:  # closed while the file was read
+                return
             self._touches[key] = time.time()
             if len(self._touches) >= TOUCH_BATCH or time.monotonic() - self._last_flush >= self._touch_interval:
                 self._flush_touches()
