@@ -30,6 +30,8 @@ def _toml(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
     raise TypeError(value)
 
 
@@ -65,11 +67,14 @@ class Daemon:
     def address(self) -> str:
         return "unix://" + self.socket
 
-    def start(self, timeout: float = 120.0) -> Daemon:
+    def launch(self) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cached", "serve", "--config", self.config_path, "--socket", self.socket],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def start(self, timeout: float = 120.0) -> Daemon:
+        self.launch()
         client = CacheClient(self.address, connect_timeout=0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -30,7 +30,7 @@ def test_fill_past_capacity_while_holding_views(daemon_factory, tiny_vae, images
     shm = stats["tiers"]["shm"]
     assert shm["bytes"] <= shm["capacity_bytes"] == 256 << 10
     assert stats["evictions"] >= len(specs) - 64
-    for e, before in zip(held, snapshot):
+    for e, before in zip(held, snapshot, strict=True):
         assert torch.equal(e["latent"], before)
     # what was held was never evicted: it is still served without computing
     again = d.client().get(specs[:20], encoder="vae", compute=False)

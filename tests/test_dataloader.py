@@ -41,7 +41,7 @@ def _read_many(address: str, specs: list[ImageSpec], rounds: int, queue) -> None
     me = psutil.Process()
     pss = []
     total = 0.0
-    for r in range(rounds):
+    for _ in range(rounds):
         for i in range(0, len(specs), 16):
             for e in client.get(specs[i:i + 16], encoder="vae"):
                 total += float(e["latent"][0, 0, 0])

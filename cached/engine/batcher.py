@@ -1,5 +1,6 @@
 """Dynamic batching for one encoder: misses from every client queue by input shape and are encoded
-together, up to `max_batch` items, waiting at most `max_delay_s` for a batch to fill.
+together, up to `max_batch` items, waiting at most `max_delay_s` for a batch to fill. Each replica
+of the encoder (one per configured device) has a worker that takes the next batch when it is free.
 
 A batch that runs out of device memory is split in halves and retried, and the largest size that
 fit is remembered; a batch that fails otherwise is retried item by item, so only the items that fail
@@ -65,8 +66,14 @@ class Batcher:
         self._closed = False
         self.items = self.batches = self.max_batch_seen = 0
         self.busy_s = 0.0
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{encoder.name}", daemon=True)
-        self._thread.start()
+        self._stats = threading.Lock()
+        # One worker per replica, each taking the next batch when it is free: an idle replica is by
+        # definition the least loaded one.
+        self._threads = [
+            threading.Thread(target=self._loop, args=(r,), name=f"batcher-{encoder.name}-{r}", daemon=True)
+            for r in range(getattr(encoder, "replicas", 1))]
+        for t in self._threads:
+            t.start()
 
     def submit_many(self, jobs: list[Job]) -> None:
         with self._cv:
@@ -82,8 +89,9 @@ class Batcher:
     def close(self) -> None:
         with self._cv:
             self._closed = True
-            self._cv.notify()
-        self._thread.join()
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
 
     def _next_batch(self) -> list[Job] | None:
         with self._cv:
@@ -103,46 +111,48 @@ class Batcher:
                     continue
                 return [queue.popleft()[1] for _ in range(min(limit, len(queue)))]
 
-    def _loop(self) -> None:
+    def _loop(self, replica: int) -> None:
         while (jobs := self._next_batch()) is not None:
             t0 = time.perf_counter()
-            self._run(jobs)
-            self.busy_s += time.perf_counter() - t0
+            self._run(jobs, replica)
+            with self._stats:
+                self.busy_s += time.perf_counter() - t0
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _run(self, jobs: list[Job], replica: int) -> None:
         try:
-            outputs = self._encode(jobs)
+            outputs = self._encode(jobs, replica)
         except Exception as exc:  # noqa: BLE001 - every failure becomes per-item errors below
             if len(jobs) > 1 and _is_oom(exc):
                 self.fit_limit = max(1, min(self.fit_limit, len(jobs) // 2))
                 log.warning("encoder %s: out of memory at batch %d; splitting, batches now <= %d",
                             self.encoder.name, len(jobs), self.fit_limit)
                 half = len(jobs) // 2
-                self._run(jobs[:half])
-                self._run(jobs[half:])
+                self._run(jobs[:half], replica)
+                self._run(jobs[half:], replica)
             elif len(jobs) > 1:
                 log.warning("encoder %s: batch of %d failed (%s); retrying item by item",
                             self.encoder.name, len(jobs), exc)
                 for job in jobs:
-                    self._run([job])
+                    self._run([job], replica)
             else:
                 log.warning("encoder %s failed on %s: %s", self.encoder.name,
                             jobs[0].meta.get("source", "?"), exc)
                 jobs[0].future.set_exception(EncoderError(f"encoder {self.encoder.name}: {exc}"))
             return
-        self.items += len(jobs)
-        self.batches += 1
-        self.max_batch_seen = max(self.max_batch_seen, len(jobs))
+        with self._stats:
+            self.items += len(jobs)
+            self.batches += 1
+            self.max_batch_seen = max(self.max_batch_seen, len(jobs))
         for i, job in enumerate(jobs):
             try:
                 job.future.set_result(self.seal(job, {k: v[i] for k, v in outputs.items()}))
             except Exception as exc:  # noqa: BLE001 - e.g. CapacityError: this item fails, not the batch
                 job.future.set_exception(exc)
 
-    def _encode(self, jobs: list[Job]) -> dict[str, torch.Tensor]:
+    def _encode(self, jobs: list[Job], replica: int) -> dict[str, torch.Tensor]:
         if self.encoder.input == "image":
             batch: Any = torch.from_numpy(np.stack([j.input for j in jobs]))
         else:
             batch = [j.input for j in jobs]
-        out = self.encoder.encode(batch, [j.seed for j in jobs])
+        out = self.encoder.encode(batch, [j.seed for j in jobs], replica=replica)
         return {k: v.detach().to("cpu") for k, v in out.items()}

@@ -99,7 +99,7 @@ class Engine:
             else:
                 misses.append((i, item))
         futures = self._compute(enc, [item for _, item in misses])
-        for (i, item), fut in zip(misses, futures):
+        for (i, item), fut in zip(misses, futures, strict=True):
             results[i] = self._finish(enc, item, fut, owner)
         self._bump("errors", sum(isinstance(r, CacheError) for r in results))
         return results  # type: ignore[return-value]
@@ -130,7 +130,7 @@ class Engine:
                 group.append((i, item))
             if len(group) >= group_size or (group and i == len(items) - 1):
                 futures = self._compute(enc, [it for _, it in group])
-                outstanding.extend((j, f) for (j, _), f in zip(group, futures))
+                outstanding.extend((j, f) for (j, _), f in zip(group, futures, strict=True))
                 group = []
             while len(outstanding) >= window or (outstanding and outstanding[0][1].done()):
                 j, fut = outstanding.popleft()

@@ -149,7 +149,7 @@ def _warm(client: CacheClient, args: argparse.Namespace) -> int:
     bar.update(len(specs), len(failed), final=True)
     print(f"warmed {len(specs) - len(failed)} of {len(specs)}: {computed} computed, {cached} already cached, "
           f"{len(failed)} failed")
-    for i, spec, err in failed:
+    for _, spec, err in failed:
         what = spec.path if isinstance(spec, ImageSpec) else repr(spec.text[:60])
         print(f"failed: {what}: {type(err).__name__}: {err}", file=sys.stderr)
     return 1 if failed else 0

@@ -200,7 +200,7 @@ class CacheClient:
         with proc.lock:
             if reply.instance != proc.instance:
                 proc.new_instance(reply.instance)
-            for sid, path in reply.segments.items():
+            for path in reply.segments.values():
                 if path not in proc.segments:
                     proc.segments[path] = Segment(path)
             for lid, text in reply.layouts.items():

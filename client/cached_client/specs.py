@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Union
 
 __all__ = ["ImageSpec", "TextSpec", "Spec", "encode_specs", "decode_spec", "CROPS", "MAX_SIDE"]
 
@@ -52,7 +51,7 @@ class ImageSpec:
 
     path: str
     size: tuple[int, int]
-    crop: Union[str, tuple[int, int, int, int]] = "center"
+    crop: str | tuple[int, int, int, int] = "center"
     flip: bool = False
     _wire: list = field(init=False, repr=False, compare=False, hash=False)
 
@@ -82,7 +81,7 @@ class TextSpec:
         object.__setattr__(self, "_wire", ["t", self.text])
 
 
-Spec = Union[ImageSpec, TextSpec]
+Spec = ImageSpec | TextSpec
 
 
 def encode_specs(specs: list[Spec]) -> bytes:
