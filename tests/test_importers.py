@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from cached.fixtures import write_images
-from cached.importers import ImportItem, Skip, iter_import, summarize
-from cached.importers import base as reasons
+from cached.importers import ImportItem, Reason, Skip, iter_import, summarize
 from cached_client.specs import ImageSpec
 
 
@@ -86,16 +85,16 @@ def test_ai_toolkit(images: str) -> None:
     assert items[flipped + "/flip"].latent.dtype == torch.bfloat16  # the source dtype is kept
     assert items[corner].crop == (0, 0, 128, 128) and items[corner].size == (64, 64)
     assert items[wide].crop == "center" and items[wide].size == (96, 64)
-    assert skips[vflip].reason == reasons.UNSUPPORTED
-    assert skips[ghost].reason == reasons.NO_IMAGE
-    assert skips[bad_shape].reason == reasons.SIZE_MISMATCH
-    assert skips["junk_AAAAAAAAAAAAAAAAAAAAAA.safetensors"].reason == reasons.UNREADABLE
+    assert skips[vflip].reason == Reason.UNSUPPORTED
+    assert skips[ghost].reason == Reason.NO_IMAGE
+    assert skips[bad_shape].reason == Reason.SIZE_MISMATCH
+    assert skips["junk_AAAAAAAAAAAAAAAAAAAAAA.safetensors"].reason == Reason.UNREADABLE
     assert summarize(results) == {"imported": 4, "skipped": {
-        reasons.UNSUPPORTED: 1, reasons.NO_IMAGE: 1, reasons.SIZE_MISMATCH: 1, reasons.UNREADABLE: 1}}
+        Reason.UNSUPPORTED: 1, Reason.NO_IMAGE: 1, Reason.SIZE_MISMATCH: 1, Reason.UNREADABLE: 1}}
 
     only = split(list(iter_import("ai-toolkit", images, size=(96, 64))))
     assert list(only[0]) == [wide]
-    assert only[1][centre].reason == reasons.SIZE_MISMATCH and "asked for 96x64" in only[1][centre].detail
+    assert only[1][centre].reason == Reason.SIZE_MISMATCH and "asked for 96x64" in only[1][centre].detail
 
 
 # kohya sd-scripts: library/strategy_*.py write these
@@ -143,17 +142,17 @@ def test_kohya(images: str) -> None:
     assert items[sd3].latent.dtype == torch.float32
     multis = [r for r in results if isinstance(r, ImportItem) and os.path.basename(r.cache_file) == multi]
     assert sorted(r.size for r in multis) == [(64, 64), (96, 64)]
-    assert skips[changed].reason == reasons.IMAGE_CHANGED
-    assert skips[ghost].reason == reasons.NO_IMAGE
-    assert skips[hunyuan].reason == reasons.UNSUPPORTED
-    assert skips[wrong].reason == reasons.SIZE_MISMATCH
-    assert skips[te].reason == reasons.NOT_A_CACHE
-    assert skips["img_00001_0064x0064_sdxl.npz"].reason == reasons.UNREADABLE
+    assert skips[changed].reason == Reason.IMAGE_CHANGED
+    assert skips[ghost].reason == Reason.NO_IMAGE
+    assert skips[hunyuan].reason == Reason.UNSUPPORTED
+    assert skips[wrong].reason == Reason.SIZE_MISMATCH
+    assert skips[te].reason == Reason.NOT_A_CACHE
+    assert skips["img_00001_0064x0064_sdxl.npz"].reason == Reason.UNREADABLE
     assert summarize(results)["imported"] == 6
 
     flux_only = list(iter_import("kohya", images, arch="flux"))  # no scaling_factor needed
     assert [os.path.basename(r.cache_file) for r in flux_only if isinstance(r, ImportItem)] == [flux]
-    assert summarize(flux_only)["skipped"][reasons.OTHER_ARCH] >= 5
+    assert summarize(flux_only)["skipped"][Reason.OTHER_ARCH] >= 5
     with pytest.raises(ValueError, match="stored unscaled: pass the encoder's scaling_factor"):
         list(iter_import("kohya", images))
 
@@ -202,12 +201,12 @@ def test_simpletuner(tmp_path) -> None:
     assert items[zipped].latent.dtype == torch.bfloat16
     assert torch.equal(items[zipped].latent, latent(1, (4, 8, 8), torch.bfloat16))
     assert items[as_dict].size == (96, 64) and items[unhashed].size == (96, 64)
-    assert skips[orphan].reason == reasons.NO_IMAGE
-    assert skips[evil].reason == reasons.UNREADABLE  # weights_only: no arbitrary pickles
-    assert summarize(results) == {"imported": 4, "skipped": {reasons.NO_IMAGE: 2, reasons.UNREADABLE: 1}}
+    assert skips[orphan].reason == Reason.NO_IMAGE
+    assert skips[evil].reason == Reason.UNREADABLE  # weights_only: no arbitrary pickles
+    assert summarize(results) == {"imported": 4, "skipped": {Reason.NO_IMAGE: 2, Reason.UNREADABLE: 1}}
 
     sized = summarize(iter_import("simpletuner", cache, image_root=root, size=(64, 64)))
-    assert sized["imported"] == 2 and sized["skipped"][reasons.SIZE_MISMATCH] == 2
+    assert sized["imported"] == 2 and sized["skipped"][Reason.SIZE_MISMATCH] == 2
     with pytest.raises(ValueError, match="needs image_root"):
         iter_import("simpletuner", cache)
 

@@ -17,11 +17,11 @@ import os
 from collections.abc import Callable, Iterator
 
 from .aitoolkit import iter_aitoolkit
-from .base import ImportItem, Options, Result, Skip, summarize
+from .base import ImportItem, Options, Reason, Result, Skip, summarize
 from .kohya import iter_kohya
 from .simpletuner import iter_simpletuner
 
-__all__ = ["iter_import", "ImportItem", "Skip", "Result", "FORMATS", "summarize"]
+__all__ = ["iter_import", "ImportItem", "Skip", "Reason", "Result", "FORMATS", "summarize"]
 
 FORMATS: dict[str, Callable[[str, Options], Iterator[Result]]] = {
     "ai-toolkit": iter_aitoolkit,

@@ -22,10 +22,9 @@ from collections.abc import Iterator
 import torch
 
 from .base import (
-    UNREADABLE,
-    UNSUPPORTED,
     ImportItem,
     Options,
+    Reason,
     Result,
     SkipError,
     check_latent,
@@ -58,10 +57,10 @@ def _read(path: str) -> tuple[torch.Tensor, dict[str, str]]:
     try:
         with safe_open(path, "pt") as f:
             if "latent" not in f.keys():
-                raise SkipError(UNREADABLE, f"no 'latent' tensor (has {sorted(f.keys())})")
+                raise SkipError(Reason.UNREADABLE, f"no 'latent' tensor (has {sorted(f.keys())})")
             return f.get_tensor("latent"), dict(f.metadata() or {})
     except (OSError, SafetensorError, ValueError) as exc:
-        raise SkipError(UNREADABLE, str(exc)) from exc
+        raise SkipError(Reason.UNREADABLE, str(exc)) from exc
 
 
 def _image(path: str, meta: dict[str, str]) -> str:
@@ -78,7 +77,7 @@ def _crop(image: str, geometry: list[int]) -> str | tuple[int, int, int, int]:
     sw, sh, cx, cy, cw, ch = geometry
     w, h = image_size(image)
     if min(sw, sh, cw, ch) <= 0 or cx + cw > sw or cy + ch > sh:
-        raise SkipError(UNREADABLE, f"inconsistent crop metadata {geometry}")
+        raise SkipError(Reason.UNREADABLE, f"inconsistent crop metadata {geometry}")
     cover = max(cw / w, ch / h)
     centred = abs(cx - (sw - cw) // 2) <= 1 and abs(cy - (sh - ch) // 2) <= 1
     if centred and abs(w * cover - sw) <= 2 and abs(h * cover - sh) <= 2:
@@ -86,7 +85,7 @@ def _crop(image: str, geometry: list[int]) -> str | tuple[int, int, int, int]:
     fx, fy = w / sw, h / sh
     box = (round(cx * fx), round(cy * fy), min(w, round((cx + cw) * fx)), min(h, round((cy + ch) * fy)))
     if box[2] <= box[0] or box[3] <= box[1]:
-        raise SkipError(UNSUPPORTED, f"crop {geometry} is empty in the {w}x{h} source")
+        raise SkipError(Reason.UNSUPPORTED, f"crop {geometry} is empty in the {w}x{h} source")
     return box
 
 
@@ -95,7 +94,7 @@ def _file(path: str, opts: Options) -> Iterator[Result]:
     if latent.dim() == 4 and latent.shape[0] == 1:
         latent = latent[0]
     if _value(meta, "flip_y"):
-        raise SkipError(UNSUPPORTED, "vertical flip (flip_y)")
+        raise SkipError(Reason.UNSUPPORTED, "vertical flip (flip_y)")
     image = _image(path, meta)
     geometry = [_value(meta, k) for k in GEOMETRY]
     if all(isinstance(v, int) for v in geometry):

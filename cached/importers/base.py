@@ -12,21 +12,24 @@ import torch
 
 from cached_client.specs import ImageSpec
 
-__all__ = ["ImportItem", "Skip", "Result", "Options", "IMAGE_EXTS", "summarize", "images_by_stem",
-           "image_size", "check_latent", "SkipError"]
+__all__ = ["ImportItem", "Skip", "Result", "Reason", "Options", "IMAGE_EXTS", "summarize", "images_by_stem",
+           "image_size", "check_latent", "SkipError", "guarded", "one_image"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
-# Skip reasons (stable strings: counted, printed by cachectl import)
-NO_IMAGE = "no matching image"
-AMBIGUOUS = "several images match"
-UNREADABLE = "unreadable cache file"
-BAD_IMAGE = "unreadable image"
-SIZE_MISMATCH = "latent shape does not match the size"
-IMAGE_CHANGED = "image changed since it was cached"
-UNSUPPORTED = "transform cached cannot express"
-NOT_A_CACHE = "not a latent cache file"
-OTHER_ARCH = "another arch than asked for"
+
+class Reason:
+    """Why a latent was skipped: stable strings, counted by summarize and printed by cachectl import."""
+
+    NO_IMAGE = "no matching image"
+    AMBIGUOUS = "several images match"
+    UNREADABLE = "unreadable cache file"
+    BAD_IMAGE = "unreadable image"
+    SIZE_MISMATCH = "latent shape does not match the size"
+    IMAGE_CHANGED = "image changed since it was cached"
+    UNSUPPORTED = "transform cached cannot express"
+    NOT_A_CACHE = "not a latent cache file"
+    OTHER_ARCH = "another arch than asked for"
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,9 @@ def images_by_stem(directory: str) -> dict[str, list[str]]:
 
 def one_image(candidates: list[str] | None, what: str) -> str:
     if not candidates:
-        raise SkipError(NO_IMAGE, what)
+        raise SkipError(Reason.NO_IMAGE, what)
     if len(candidates) > 1:
-        raise SkipError(AMBIGUOUS, ", ".join(candidates))
+        raise SkipError(Reason.AMBIGUOUS, ", ".join(candidates))
     return os.path.realpath(candidates[0])
 
 
@@ -119,7 +122,7 @@ def image_size(path: str, exif: bool = True) -> tuple[int, int]:
             w, h = img.size
             rotated = exif and img.getexif().get(0x0112) in (5, 6, 7, 8)
     except (OSError, SyntaxError, ValueError) as exc:
-        raise SkipError(BAD_IMAGE, f"{path}: {exc}") from exc
+        raise SkipError(Reason.BAD_IMAGE, f"{path}: {exc}") from exc
     return (h, w) if rotated else (w, h)
 
 
@@ -127,11 +130,11 @@ def check_latent(latent: torch.Tensor, size: tuple[int, int] | None, opts: Optio
     """The (width, height) a (C, h, w) latent encodes; SkipError if it disagrees with `size` or
     with the size the user asked for."""
     if latent.dim() != 3 or not latent.is_floating_point():
-        raise SkipError(UNREADABLE, f"expected a float (C, H, W) latent, got {latent.dtype} {list(latent.shape)}")
+        raise SkipError(Reason.UNREADABLE, f"expected a float (C, H, W) latent, got {latent.dtype} {list(latent.shape)}")
     encoded = (latent.shape[2] * opts.stride, latent.shape[1] * opts.stride)
     for want, what in ((size, "the cache says"), (opts.size, "asked for")):
         if want is not None and tuple(want) != encoded:
-            raise SkipError(SIZE_MISMATCH, f"latent {list(latent.shape)} encodes {encoded[0]}x{encoded[1]}, "
+            raise SkipError(Reason.SIZE_MISMATCH, f"latent {list(latent.shape)} encodes {encoded[0]}x{encoded[1]}, "
                                            f"{what} {want[0]}x{want[1]}")
     return encoded
 

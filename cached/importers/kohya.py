@@ -24,13 +24,9 @@ import numpy as np
 import torch
 
 from .base import (
-    IMAGE_CHANGED,
-    NOT_A_CACHE,
-    OTHER_ARCH,
-    UNREADABLE,
-    UNSUPPORTED,
     ImportItem,
     Options,
+    Reason,
     Result,
     SkipError,
     check_latent,
@@ -62,7 +58,7 @@ def _read(path: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             return {k: np.asarray(npz[k]) for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise SkipError(UNREADABLE, f"{exc}") from exc
+        raise SkipError(Reason.UNREADABLE, f"{exc}") from exc
 
 
 def _check_original(arrays: dict[str, np.ndarray], suffix: str, image: str) -> None:
@@ -72,23 +68,23 @@ def _check_original(arrays: dict[str, np.ndarray], suffix: str, image: str) -> N
     orig = tuple(int(v) for v in np.asarray(original).reshape(-1)[:2])
     now = image_size(image, exif=False)
     if orig not in (now, now[::-1]):  # either side of an EXIF rotation
-        raise SkipError(IMAGE_CHANGED, f"cached from a {orig[0]}x{orig[1]} image, {image} is {now[0]}x{now[1]} now")
+        raise SkipError(Reason.IMAGE_CHANGED, f"cached from a {orig[0]}x{orig[1]} image, {image} is {now[0]}x{now[1]} now")
 
 
 def _file(path: str, opts: Options, stems: dict[str, list[str]]) -> Iterator[Result]:
     m = NAME.match(os.path.basename(path))
     if m is None:
-        raise SkipError(NOT_A_CACHE, "name is not <stem>_<W>x<H>_<arch>.npz")
+        raise SkipError(Reason.NOT_A_CACHE, "name is not <stem>_<W>x<H>_<arch>.npz")
     arch = m["arch"]
     if opts.arch is not None and arch != opts.arch:
-        raise SkipError(OTHER_ARCH, f"{arch!r}, not {opts.arch!r}")
+        raise SkipError(Reason.OTHER_ARCH, f"{arch!r}, not {opts.arch!r}")
     if arch not in STORED_UNSCALED + STORED_SCALED:
-        raise SkipError(UNSUPPORTED, f"unknown arch {arch!r}: its scaling convention is not known")
+        raise SkipError(Reason.UNSUPPORTED, f"unknown arch {arch!r}: its scaling convention is not known")
     image = one_image(stems.get(m["stem"]), f"{m['stem']}.* beside the cache file")
     arrays = _read(path)
     keys = sorted(k for k in arrays if KEY.match(k))
     if not keys:
-        raise SkipError(UNREADABLE, f"no latents in {sorted(arrays)}")
+        raise SkipError(Reason.UNREADABLE, f"no latents in {sorted(arrays)}")
     bucket = (int(m["w"]), int(m["h"]))
     for key in keys:
         km = KEY.match(key)

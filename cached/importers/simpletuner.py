@@ -24,10 +24,9 @@ import torch
 
 from .base import (
     IMAGE_EXTS,
-    UNREADABLE,
-    UNSUPPORTED,
     ImportItem,
     Options,
+    Reason,
     Result,
     SkipError,
     check_latent,
@@ -67,16 +66,16 @@ def _load(path: str) -> torch.Tensor:
             data = gzip.decompress(data)
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zlib.error) as exc:
-        raise SkipError(UNREADABLE, f"{type(exc).__name__}: {exc}") from exc
+        raise SkipError(Reason.UNREADABLE, f"{type(exc).__name__}: {exc}") from exc
     if isinstance(obj, dict):
         obj = next((obj[k] for k in DICT_KEYS if k in obj), obj)
     if not isinstance(obj, torch.Tensor):
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise SkipError(UNREADABLE, f"no latent tensor in {keys}")
+        raise SkipError(Reason.UNREADABLE, f"no latent tensor in {keys}")
     if obj.dim() == 4 and obj.shape[0] == 1:
         obj = obj[0]
     if obj.dim() == 4:
-        raise SkipError(UNSUPPORTED, f"video or batched latent {list(obj.shape)}")
+        raise SkipError(Reason.UNSUPPORTED, f"video or batched latent {list(obj.shape)}")
     return obj
 
 
