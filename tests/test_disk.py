@@ -227,6 +227,17 @@ def test_lru_eviction_keeps_the_tier_under_capacity(tmp_path) -> None:
         assert [t.contains(key_of(i)) for i in range(5)] == [True, False, False, True, True]
 
 
+def test_a_lower_capacity_evicts_the_least_recently_used_at_open(tmp_path) -> None:
+    with DiskTier(str(tmp_path), 1 << 30, "none", durable=False) as t:
+        for i in range(5):
+            t.put(key_of(i), latent(i), meta_of(i))
+        t.get(key_of(0))
+        one = t.stats()["bytes"] // 5
+    with DiskTier(str(tmp_path), 2 * one, "none") as t:
+        assert [t.contains(key_of(i)) for i in range(5)] == [True, False, False, False, True]
+        assert t.stats()["bytes"] <= 2 * one
+
+
 def test_an_entry_larger_than_the_tier_is_a_capacity_error(tmp_path) -> None:
     with DiskTier(str(tmp_path), 1000, "none", durable=False) as t:
         with pytest.raises(CapacityError, match="does not fit"):

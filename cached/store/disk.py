@@ -133,6 +133,9 @@ class DiskTier:
             if state == "0":
                 log.warning("disk tier %s was not closed cleanly; reconciling index and files", self.directory)
             self.reconcile()
+        if self.bytes > self.capacity:  # disk_bytes was lowered since the last run
+            with self._lock:
+                self._evict_lru(self.bytes - self.capacity)
         log.info("disk tier %s: %d entries, %d of %d bytes, compression %s%s", self.directory, self.entries,
                  self.bytes, self.capacity, self.compression, f", {wiped} unfinished write(s) removed" if wiped else "")
 
