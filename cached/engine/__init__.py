@@ -3,6 +3,7 @@
 from .batcher import Batcher, Job
 from .engine import EncoderOptions, Engine, Held
 from .keys import FORMAT_VERSION, entry_key
+from .prefetch import Prefetcher
 from .sources import Sources
 
-__all__ = ["Engine", "EncoderOptions", "Held", "Batcher", "Job", "Sources", "entry_key", "FORMAT_VERSION"]
+__all__ = ["Engine", "EncoderOptions", "Held", "Batcher", "Job", "Sources", "Prefetcher", "entry_key", "FORMAT_VERSION"]

@@ -31,7 +31,7 @@ from .batcher import Batcher, Job
 from .keys import entry_key
 from .sources import Sources
 
-__all__ = ["Engine", "Held", "EncoderOptions"]
+__all__ = ["Engine", "Held", "EncoderOptions", "Item"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class EncoderOptions:
 
 
 @dataclass(frozen=True)
-class _Item:
+class Item:
+    """One parsed request item and its key."""
+
     spec: Spec
     key: bytes
     real: str
@@ -82,15 +84,15 @@ class Engine:
 
     def get(self, encoder: str, specs_json: bytes, compute: bool, owner: Owner | None) -> list[Result]:
         """One result per item, in order: (entry, lease) or the item's error."""
-        enc = self._encoder(encoder)
-        items = self._parse(specs_json, enc)
+        enc = self.encoder(encoder)
+        items = self.parse(specs_json, enc)
         results: list[Result | None] = [None] * len(items)
-        misses: list[tuple[int, _Item]] = []
+        misses: list[tuple[int, Item]] = []
         for i, item in enumerate(items):
             if isinstance(item, CacheError):
                 results[i] = item
                 continue
-            held = self._acquire(item.key, owner)
+            held = self.acquire(item.key, owner)
             self._bump("hits" if held is not None else "misses")
             if held is not None:
                 results[i] = held
@@ -98,7 +100,7 @@ class Engine:
                 results[i] = CacheMiss(f"item {i} ({_describe(item.spec)}) is not cached")
             else:
                 misses.append((i, item))
-        futures = self._compute(enc, [item for _, item in misses])
+        futures = self.compute(enc, [item for _, item in misses])
         for (i, item), fut in zip(misses, futures, strict=True):
             results[i] = self._finish(enc, item, fut, owner)
         self._bump("errors", sum(isinstance(r, CacheError) for r in results))
@@ -106,8 +108,8 @@ class Engine:
 
     def warm(self, encoder: str, specs_json: bytes, window: int = 256) -> Iterator[dict[str, Any]]:
         """Computes every item without leasing, yielding progress about every 0.25 s."""
-        enc = self._encoder(encoder)
-        items = self._parse(specs_json, enc)
+        enc = self.encoder(encoder)
+        items = self.parse(specs_json, enc)
         progress: dict[str, Any] = {"done": 0, "total": len(items), "computed": 0, "cached": 0, "errors": []}
         outstanding: deque[tuple[int, Future]] = deque()
         last = time.monotonic()
@@ -119,17 +121,17 @@ class Engine:
             else:
                 progress["computed" if computed else "cached"] += 1
 
-        group: list[tuple[int, _Item]] = []
+        group: list[tuple[int, Item]] = []
         group_size = self.batchers[enc.name].max_batch
         for i, item in enumerate(items):
             if isinstance(item, CacheError):
                 settle(i, item, False)
-            elif (held := self._acquire(item.key, None)) is not None:
+            elif (held := self.acquire(item.key, None)) is not None:
                 settle(i, held, False)
             else:
                 group.append((i, item))
             if len(group) >= group_size or (group and i == len(items) - 1):
-                futures = self._compute(enc, [it for _, it in group])
+                futures = self.compute(enc, [it for _, it in group])
                 outstanding.extend((j, f) for (j, _), f in zip(group, futures, strict=True))
                 group = []
             while len(outstanding) >= window or (outstanding and outstanding[0][1].done()):
@@ -148,13 +150,13 @@ class Engine:
 
     # internals
 
-    def _encoder(self, name: str) -> Encoder:
+    def encoder(self, name: str) -> Encoder:
         enc = self.encoders.get(name)
         if enc is None:
             raise UnknownEncoder(f"no encoder named {name!r}; configured: {sorted(self.encoders)}")
         return enc
 
-    def _parse(self, specs_json: bytes, enc: Encoder) -> list[_Item | CacheError]:
+    def parse(self, specs_json: bytes, enc: Encoder) -> list[Item | CacheError]:
         try:
             raw = json.loads(specs_json)
         except ValueError as exc:
@@ -163,7 +165,7 @@ class Engine:
             raise InvalidSpec("specs must be a JSON array")
         return [self._item(i, r, enc) for i, r in enumerate(raw)]
 
-    def _item(self, i: int, raw: object, enc: Encoder) -> _Item | CacheError:
+    def _item(self, i: int, raw: object, enc: Encoder) -> Item | CacheError:
         try:
             spec = decode_spec(raw)
         except (ValueError, TypeError) as exc:
@@ -173,15 +175,15 @@ class Engine:
                 if enc.input != "text":
                     raise InvalidSpec(f"item {i}: encoder {enc.name!r} takes images, not text")
                 digest = hashlib.blake2b(spec.text.encode(), digest_size=32).digest()
-                return _Item(spec, entry_key(digest, spec, enc.fingerprint), "", None)
+                return Item(spec, entry_key(digest, spec, enc.fingerprint), "", None)
             if enc.input != "image":
                 raise InvalidSpec(f"item {i}: encoder {enc.name!r} takes text, not images")
             real, digest, data = self.sources.digest(spec.path)
-            return _Item(spec, entry_key(digest, spec, enc.fingerprint), real, data)
+            return Item(spec, entry_key(digest, spec, enc.fingerprint), real, data)
         except CacheError as exc:
             return exc
 
-    def _acquire(self, key: bytes, owner: Owner | None) -> Held | None:
+    def acquire(self, key: bytes, owner: Owner | None) -> Held | None:
         entry = self.store.lookup(key)
         if entry is None:
             return None
@@ -190,14 +192,14 @@ class Engine:
         lease = self.store.lease(entry, owner)
         return None if lease is None else (entry, lease)
 
-    def _compute(self, enc: Encoder, items: list[_Item]) -> list[Future]:
+    def compute(self, enc: Encoder, items: list[Item]) -> list[Future]:
         """Futures of the items' entries, shared with every concurrent request for the same key.
 
         The items new to the engine are decoded in parallel and reach the batcher together, so the
         misses of one request are encoded as one batch (or as few as max_batch allows).
         """
         futures: list[Future] = []
-        fresh: list[tuple[_Item, Future]] = []
+        fresh: list[tuple[Item, Future]] = []
         with self._mu:
             for item in items:
                 fut = self._inflight.get(item.key)
@@ -230,7 +232,7 @@ class Engine:
         with self._mu:
             self._inflight.pop(key, None)
 
-    def _prepare(self, enc: Encoder, item: _Item, fut: Future, k: int,
+    def _prepare(self, enc: Encoder, item: Item, fut: Future, k: int,
                  done: Callable[[int, Job | None], None]) -> None:
         job = None
         try:
@@ -259,16 +261,16 @@ class Engine:
         self._bump("computed")
         return entry
 
-    def _finish(self, enc: Encoder, item: _Item, fut: Future, owner: Owner | None) -> Result:
+    def _finish(self, enc: Encoder, item: Item, fut: Future, owner: Owner | None) -> Result:
         for _ in range(3):  # an entry can be evicted between its sealing and our lease; compute again
             try:
                 fut.result()
             except CacheError as exc:
                 return exc
-            held = self._acquire(item.key, owner)
+            held = self.acquire(item.key, owner)
             if held is not None:
                 return held
-            [fut] = self._compute(enc, [item])
+            [fut] = self.compute(enc, [item])
         return DaemonError(f"{_describe(item.spec)} was evicted three times before it could be leased; "
                            f"shm_bytes is too small for the working set")
 

@@ -23,7 +23,7 @@ from cached_client.address import resolve_address, socket_path
 from cached_client.errors import CacheError
 
 from ..encoders import WeightDigests, build_encoder
-from ..engine import EncoderOptions, Engine, Sources
+from ..engine import EncoderOptions, Engine, Prefetcher, Sources
 from ..store import Owner, ShmStore
 from ..store.names import new_instance_id
 from .config import Config
@@ -140,6 +140,7 @@ class Daemon:
                              cfg.max_pixels, cfg.decode_workers or None)
         if not cfg.allowed_roots:
             log.warning("store.allowed_roots is empty: any file this daemon can read may be requested")
+        self.servicer.prefetcher = Prefetcher(self.engine)
         self.servicer.engine = self.engine
 
     def _set_health(self, status: int) -> None:
@@ -158,6 +159,8 @@ class Daemon:
         if self._server is not None:
             self._server.stop(grace).wait()
         self.servicer.engine = None
+        if self.servicer.prefetcher is not None:
+            self.servicer.prefetcher.close()
         if self.engine is not None:
             self.engine.close()
         if self.store is not None:

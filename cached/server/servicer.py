@@ -13,7 +13,7 @@ from cached_client._proto import cache_pb2_grpc
 from cached_client.errors import DaemonUnavailable, InvalidSpec
 from cached_client.wire import unpack_leases
 
-from ..engine import Engine
+from ..engine import Engine, Prefetcher
 from . import codec
 
 __all__ = ["CacheServicer"]
@@ -25,6 +25,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     def __init__(self, instance: str) -> None:
         self.instance = instance
         self.engine: Engine | None = None  # set once encoders are loaded and the store is mapped
+        self.prefetcher: Prefetcher | None = None
         self.started = time.monotonic()
 
     def _ready(self) -> Engine:
@@ -45,6 +46,12 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
             if not context.is_active():  # the client cancelled: stop queueing more work
                 return
             yield codec.warm_progress(progress)
+
+    def Prefetch(self, request: pb.WarmRequest, context: grpc.ServicerContext) -> pb.PrefetchResponse:
+        self._ready()
+        assert self.prefetcher is not None
+        queued, dropped = self.prefetcher.submit(request.encoder, request.specs)
+        return pb.PrefetchResponse(queued=queued, dropped=dropped)
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
         owner = codec.owner_of(request.owner)
@@ -78,5 +85,8 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
             name: {**enc.describe(), "items": b.items, "batches": b.batches,
                    "max_batch_seen": b.max_batch_seen, "busy_s": b.busy_s}
             for name, enc in engine.encoders.items() if (b := engine.batchers[name])}
+        counters = dict(engine.counters)
+        if self.prefetcher is not None:
+            counters.update(prefetch_queued=self.prefetcher.queued, prefetch_dropped=self.prefetcher.dropped)
         return codec.stats_response(self.instance, time.monotonic() - self.started, engine.store,
-                                    dict(engine.counters), encoders)
+                                    counters, encoders)

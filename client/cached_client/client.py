@@ -77,6 +77,7 @@ class _Process:
     idle: dict[int, tuple[str, Spec]] = field(default_factory=dict)  # lease id -> handle-cache key
     idle_since: float = 0.0
     dead: deque = field(default_factory=deque)  # (lease, epoch) appended by view finalizers
+    hints: deque = field(default_factory=deque)  # prefetch calls in flight
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reap(self) -> None:
@@ -240,6 +241,18 @@ class CacheClient:
         finally:
             stream.cancel()  # stops the daemon's work if the caller was interrupted
         return WarmResult(len(specs), last.computed, last.cached, failed)
+
+    def prefetch(self, specs: Sequence[Spec], encoder: str) -> None:
+        """A non-blocking hint: the daemon computes (or promotes) these entries in the background, so a
+        later get finds them. Returns at once; errors (a daemon that is down, a bad spec) are ignored."""
+        if not specs:
+            return
+        proc = self._process()
+        request = pb.WarmRequest(encoder=encoder, specs=encode_specs(list(specs)))
+        with proc.lock:
+            while proc.hints and proc.hints[0].done():
+                proc.hints.popleft()
+            proc.hints.append(proc.stub.Prefetch.future(request, timeout=30))
 
     def evict(self, *, all: bool = False, encoder: str | None = None, source_prefix: str | None = None,
               keys: Iterable[str] = (), tier: str = "all") -> dict[str, int]:

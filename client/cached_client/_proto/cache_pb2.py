@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cached_client/_proto/cache.proto\x12\tcached.v1\"K\n\x05Owner\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x12\n\nstart_time\x18\x02 \x01(\x01\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0e\n\x06pid_ns\x18\x04 \x01(\x04\"o\n\nGetRequest\x12\x0f\n\x07\x65ncoder\x18\x01 \x01(\t\x12\r\n\x05specs\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63ompute\x18\x03 \x01(\x08\x12\x1f\n\x05owner\x18\x04 \x01(\x0b\x32\x10.cached.v1.Owner\x12\x0f\n\x07release\x18\x05 \x01(\x0c\"H\n\tItemError\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xa5\x02\n\x0bGetResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x0f\n\x07handles\x18\x02 \x01(\x0c\x12$\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x14.cached.v1.ItemError\x12\x36\n\x08segments\x18\x04 \x03(\x0b\x32$.cached.v1.GetResponse.SegmentsEntry\x12\x34\n\x07layouts\x18\x05 \x03(\x0b\x32#.cached.v1.GetResponse.LayoutsEntry\x1a/\n\rSegmentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cLayoutsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x0bWarmRequest\x12\x0f\n\x07\x65ncoder\x18\x01 \x01(\t\x12\r\n\x05specs\x18\x02 \x01(\x0c\"s\n\x0cWarmProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x04\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x10\n\x08\x63omputed\x18\x03 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x04\x12$\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x14.cached.v1.ItemError\"A\n\x0eReleaseRequest\x12\x1f\n\x05owner\x18\x01 \x01(\x0b\x32\x10.cached.v1.Owner\x12\x0e\n\x06leases\x18\x02 \x01(\x0c\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x04\"_\n\x0c\x45victRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ncoder\x18\x02 \x01(\t\x12\x15\n\rsource_prefix\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x0c\n\x04tier\x18\x05 \x01(\t\"@\n\rEvictResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0f\n\x07pending\x18\x03 \x01(\x04\"\x0e\n\x0cStatsRequest\"C\n\tTierStats\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\"\x8a\x01\n\x0c\x45ncoderStats\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\x12\r\n\x05items\x18\x04 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x05 \x01(\x04\x12\x16\n\x0emax_batch_seen\x18\x06 \x01(\x04\x12\x0e\n\x06\x62usy_s\x18\x07 \x01(\x01\"\xaa\x03\n\rStatsResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x32\n\x05tiers\x18\x03 \x03(\x0b\x32#.cached.v1.StatsResponse.TiersEntry\x12\x38\n\x08\x63ounters\x18\x04 \x03(\x0b\x32&.cached.v1.StatsResponse.CountersEntry\x12\x38\n\x08\x65ncoders\x18\x05 \x03(\x0b\x32&.cached.v1.StatsResponse.EncodersEntry\x12\x0e\n\x06leases\x18\x06 \x01(\x04\x1a\x42\n\nTiersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.cached.v1.TierStats:\x02\x38\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1aH\n\rEncodersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.cached.v1.EncoderStats:\x02\x38\x01\x32\xb2\x02\n\x05\x43\x61\x63he\x12\x34\n\x03Get\x12\x15.cached.v1.GetRequest\x1a\x16.cached.v1.GetResponse\x12\x39\n\x04Warm\x12\x16.cached.v1.WarmRequest\x1a\x17.cached.v1.WarmProgress0\x01\x12@\n\x07Release\x12\x19.cached.v1.ReleaseRequest\x1a\x1a.cached.v1.ReleaseResponse\x12:\n\x05\x45vict\x12\x17.cached.v1.EvictRequest\x1a\x18.cached.v1.EvictResponse\x12:\n\x05Stats\x12\x17.cached.v1.StatsRequest\x1a\x18.cached.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cached_client/_proto/cache.proto\x12\tcached.v1\"K\n\x05Owner\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x12\n\nstart_time\x18\x02 \x01(\x01\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0e\n\x06pid_ns\x18\x04 \x01(\x04\"o\n\nGetRequest\x12\x0f\n\x07\x65ncoder\x18\x01 \x01(\t\x12\r\n\x05specs\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63ompute\x18\x03 \x01(\x08\x12\x1f\n\x05owner\x18\x04 \x01(\x0b\x32\x10.cached.v1.Owner\x12\x0f\n\x07release\x18\x05 \x01(\x0c\"H\n\tItemError\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xa5\x02\n\x0bGetResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x0f\n\x07handles\x18\x02 \x01(\x0c\x12$\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x14.cached.v1.ItemError\x12\x36\n\x08segments\x18\x04 \x03(\x0b\x32$.cached.v1.GetResponse.SegmentsEntry\x12\x34\n\x07layouts\x18\x05 \x03(\x0b\x32#.cached.v1.GetResponse.LayoutsEntry\x1a/\n\rSegmentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cLayoutsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x0bWarmRequest\x12\x0f\n\x07\x65ncoder\x18\x01 \x01(\t\x12\r\n\x05specs\x18\x02 \x01(\x0c\"s\n\x0cWarmProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x04\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x10\n\x08\x63omputed\x18\x03 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x04\x12$\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x14.cached.v1.ItemError\"3\n\x10PrefetchResponse\x12\x0e\n\x06queued\x18\x01 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\"A\n\x0eReleaseRequest\x12\x1f\n\x05owner\x18\x01 \x01(\x0b\x32\x10.cached.v1.Owner\x12\x0e\n\x06leases\x18\x02 \x01(\x0c\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x04\"_\n\x0c\x45victRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ncoder\x18\x02 \x01(\t\x12\x15\n\rsource_prefix\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x0c\n\x04tier\x18\x05 \x01(\t\"@\n\rEvictResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0f\n\x07pending\x18\x03 \x01(\x04\"\x0e\n\x0cStatsRequest\"C\n\tTierStats\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\"\x8a\x01\n\x0c\x45ncoderStats\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\x12\r\n\x05items\x18\x04 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x05 \x01(\x04\x12\x16\n\x0emax_batch_seen\x18\x06 \x01(\x04\x12\x0e\n\x06\x62usy_s\x18\x07 \x01(\x01\"\xaa\x03\n\rStatsResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x32\n\x05tiers\x18\x03 \x03(\x0b\x32#.cached.v1.StatsResponse.TiersEntry\x12\x38\n\x08\x63ounters\x18\x04 \x03(\x0b\x32&.cached.v1.StatsResponse.CountersEntry\x12\x38\n\x08\x65ncoders\x18\x05 \x03(\x0b\x32&.cached.v1.StatsResponse.EncodersEntry\x12\x0e\n\x06leases\x18\x06 \x01(\x04\x1a\x42\n\nTiersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.cached.v1.TierStats:\x02\x38\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1aH\n\rEncodersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.cached.v1.EncoderStats:\x02\x38\x01\x32\xf3\x02\n\x05\x43\x61\x63he\x12\x34\n\x03Get\x12\x15.cached.v1.GetRequest\x1a\x16.cached.v1.GetResponse\x12\x39\n\x04Warm\x12\x16.cached.v1.WarmRequest\x1a\x17.cached.v1.WarmProgress0\x01\x12?\n\x08Prefetch\x12\x16.cached.v1.WarmRequest\x1a\x1b.cached.v1.PrefetchResponse\x12@\n\x07Release\x12\x19.cached.v1.ReleaseRequest\x1a\x1a.cached.v1.ReleaseResponse\x12:\n\x05\x45vict\x12\x17.cached.v1.EvictRequest\x1a\x18.cached.v1.EvictResponse\x12:\n\x05Stats\x12\x17.cached.v1.StatsRequest\x1a\x18.cached.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,28 +57,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WARMREQUEST']._serialized_end=652
   _globals['_WARMPROGRESS']._serialized_start=654
   _globals['_WARMPROGRESS']._serialized_end=769
-  _globals['_RELEASEREQUEST']._serialized_start=771
-  _globals['_RELEASEREQUEST']._serialized_end=836
-  _globals['_RELEASERESPONSE']._serialized_start=838
-  _globals['_RELEASERESPONSE']._serialized_end=873
-  _globals['_EVICTREQUEST']._serialized_start=875
-  _globals['_EVICTREQUEST']._serialized_end=970
-  _globals['_EVICTRESPONSE']._serialized_start=972
-  _globals['_EVICTRESPONSE']._serialized_end=1036
-  _globals['_STATSREQUEST']._serialized_start=1038
-  _globals['_STATSREQUEST']._serialized_end=1052
-  _globals['_TIERSTATS']._serialized_start=1054
-  _globals['_TIERSTATS']._serialized_end=1121
-  _globals['_ENCODERSTATS']._serialized_start=1124
-  _globals['_ENCODERSTATS']._serialized_end=1262
-  _globals['_STATSRESPONSE']._serialized_start=1265
-  _globals['_STATSRESPONSE']._serialized_end=1691
-  _globals['_STATSRESPONSE_TIERSENTRY']._serialized_start=1502
-  _globals['_STATSRESPONSE_TIERSENTRY']._serialized_end=1568
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=1570
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=1617
-  _globals['_STATSRESPONSE_ENCODERSENTRY']._serialized_start=1619
-  _globals['_STATSRESPONSE_ENCODERSENTRY']._serialized_end=1691
-  _globals['_CACHE']._serialized_start=1694
-  _globals['_CACHE']._serialized_end=2000
+  _globals['_PREFETCHRESPONSE']._serialized_start=771
+  _globals['_PREFETCHRESPONSE']._serialized_end=822
+  _globals['_RELEASEREQUEST']._serialized_start=824
+  _globals['_RELEASEREQUEST']._serialized_end=889
+  _globals['_RELEASERESPONSE']._serialized_start=891
+  _globals['_RELEASERESPONSE']._serialized_end=926
+  _globals['_EVICTREQUEST']._serialized_start=928
+  _globals['_EVICTREQUEST']._serialized_end=1023
+  _globals['_EVICTRESPONSE']._serialized_start=1025
+  _globals['_EVICTRESPONSE']._serialized_end=1089
+  _globals['_STATSREQUEST']._serialized_start=1091
+  _globals['_STATSREQUEST']._serialized_end=1105
+  _globals['_TIERSTATS']._serialized_start=1107
+  _globals['_TIERSTATS']._serialized_end=1174
+  _globals['_ENCODERSTATS']._serialized_start=1177
+  _globals['_ENCODERSTATS']._serialized_end=1315
+  _globals['_STATSRESPONSE']._serialized_start=1318
+  _globals['_STATSRESPONSE']._serialized_end=1744
+  _globals['_STATSRESPONSE_TIERSENTRY']._serialized_start=1555
+  _globals['_STATSRESPONSE_TIERSENTRY']._serialized_end=1621
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=1623
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=1670
+  _globals['_STATSRESPONSE_ENCODERSENTRY']._serialized_start=1672
+  _globals['_STATSRESPONSE_ENCODERSENTRY']._serialized_end=1744
+  _globals['_CACHE']._serialized_start=1747
+  _globals['_CACHE']._serialized_end=2118
 # @@protoc_insertion_point(module_scope)

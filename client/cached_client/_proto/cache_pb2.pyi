@@ -94,6 +94,14 @@ class WarmProgress(_message.Message):
     errors: _containers.RepeatedCompositeFieldContainer[ItemError]
     def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., computed: _Optional[int] = ..., cached: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ...) -> None: ...
 
+class PrefetchResponse(_message.Message):
+    __slots__ = ("queued", "dropped")
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    queued: int
+    dropped: int
+    def __init__(self, queued: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
+
 class ReleaseRequest(_message.Message):
     __slots__ = ("owner", "leases")
     OWNER_FIELD_NUMBER: _ClassVar[int]

@@ -44,6 +44,11 @@ class CacheStub:
                 request_serializer=cached__client_dot___proto_dot_cache__pb2.WarmRequest.SerializeToString,
                 response_deserializer=cached__client_dot___proto_dot_cache__pb2.WarmProgress.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/cached.v1.Cache/Prefetch',
+                request_serializer=cached__client_dot___proto_dot_cache__pb2.WarmRequest.SerializeToString,
+                response_deserializer=cached__client_dot___proto_dot_cache__pb2.PrefetchResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/cached.v1.Cache/Release',
                 request_serializer=cached__client_dot___proto_dot_cache__pb2.ReleaseRequest.SerializeToString,
@@ -73,6 +78,13 @@ class CacheServicer:
 
     def Warm(self, request, context):
         """Computes a batch of entries into the cache without leasing them, streaming progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prefetch(self, request, context):
+        """A non-blocking hint: computes (or promotes) these entries in the background, and returns at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +121,11 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.Warm,
                     request_deserializer=cached__client_dot___proto_dot_cache__pb2.WarmRequest.FromString,
                     response_serializer=cached__client_dot___proto_dot_cache__pb2.WarmProgress.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=cached__client_dot___proto_dot_cache__pb2.WarmRequest.FromString,
+                    response_serializer=cached__client_dot___proto_dot_cache__pb2.PrefetchResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -180,6 +197,33 @@ class Cache:
             '/cached.v1.Cache/Warm',
             cached__client_dot___proto_dot_cache__pb2.WarmRequest.SerializeToString,
             cached__client_dot___proto_dot_cache__pb2.WarmProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cached.v1.Cache/Prefetch',
+            cached__client_dot___proto_dot_cache__pb2.WarmRequest.SerializeToString,
+            cached__client_dot___proto_dot_cache__pb2.PrefetchResponse.FromString,
             options,
             channel_credentials,
             insecure,
