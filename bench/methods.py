@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from cached_client import CacheClient, ImageSpec
 from cached_client.views import Segment
 
-__all__ = ["Latents", "CachedLatents", "ArenaViews", "SafetensorsFiles", "NpzFiles", "InRam", "METHODS", "make_loader"]
+__all__ = ["Latents", "CachedLatents", "ArenaViews", "SafetensorsFiles", "NpzFiles", "InRam", "NoData",
+           "METHODS", "make_loader"]
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,16 @@ class InRam(Dataset):
         self.latents = latents
 
     @classmethod
-    def load(cls, paths: Sequence[str]) -> InRam:
-        return cls([load_file(p)["latent"] for p in paths])
+    def load(cls, lat: Latents) -> InRam:
+        """Each latent in a tensor of its own in private memory, as a trainer that encoded them
+        holds them (not load_file, whose tensors map the file and so live in the page cache)."""
+        latents = []
+        with open(lat.arena, "rb") as f:
+            for _ in range(len(lat)):
+                t = torch.empty(lat.shape)
+                f.readinto(t.numpy())  # type: ignore[arg-type]
+                latents.append(t)
+        return cls(latents)
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -128,14 +137,28 @@ class InRam(Dataset):
         return self.latents[i]
 
 
+class NoData(Dataset):
+    """The control: one small tensor for every item, so a run measures the processes themselves
+    (interpreters, DataLoader queues, batches in flight) and no data."""
+
+    def __init__(self, n: int, shape: tuple[int, ...]) -> None:
+        self.n, self.item = n, torch.zeros(shape)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.item
+
+
 # name -> (dataset from (address, Latents), multiprocessing start method)
 METHODS: dict[str, tuple[Callable[[str, Latents], Dataset], str]] = {
     "cached": (lambda addr, lat: CachedLatents(CacheClient(addr), lat.specs, lat.encoder), "fork"),
     "shm ceiling": (lambda addr, lat: ArenaViews(lat.arena, len(lat), lat.shape), "fork"),
     "safetensors/item": (lambda addr, lat: SafetensorsFiles(lat.safetensors), "fork"),
     "npz/item": (lambda addr, lat: NpzFiles(lat.npz), "fork"),
-    "in-RAM fork": (lambda addr, lat: InRam.load(lat.safetensors), "fork"),
-    "in-RAM spawn": (lambda addr, lat: InRam.load(lat.safetensors), "spawn"),
+    "in-RAM fork": (lambda addr, lat: InRam.load(lat), "fork"),
+    "in-RAM spawn": (lambda addr, lat: InRam.load(lat), "spawn"),
 }
 
 

@@ -1,0 +1,120 @@
+"""`make bench`: every benchmark in one run, tables printed and written to bench/results/.
+
+    .venv/bin/python bench/run.py            # the full run (about 10 minutes on 2 cores)
+    .venv/bin/python bench/run.py --quick    # a smoke run in a minute; results in a temp dir
+
+Builds the latents once (a daemon plus the same bytes as files and an arena), then runs the
+DataLoader, lookup and memory benchmarks over them, then the benchmarks other parts of the project
+own (compression, disk restart, weights loading) as subprocesses when they exist. The results
+include README-table.md: the machine, the command and every table, ready to paste into the README.
+
+Imports stay inside main(): spawned DataLoader workers re-import this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEERS = ("compression.py", "disk_restart.py", "weights_load.py")  # owned elsewhere; optional
+
+
+def _settings(quick: bool) -> dict[str, int]:
+    if quick:
+        return {"n": 128, "rounds": 2, "epochs": 1, "mem_epochs": 2, "lookup_batch": 64, "lookup_reps": 50}
+    return {"n": 1024, "rounds": 5, "epochs": 2, "mem_epochs": 3, "lookup_batch": 256, "lookup_reps": 200}
+
+
+def _peer(script: str, quick: bool, results: str) -> str | None:
+    """The markdown table a peer benchmark wrote (results/<name>.md), else what it printed; None
+    when the script is absent, or under --quick when it has no quick mode (a full run of it would
+    overwrite its committed results)."""
+    path = os.path.join(HERE, script)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        has_quick = "--quick" in f.read()
+    if quick and not has_quick:
+        print(f"== {script}: skipped (no --quick mode)", flush=True)
+        return None
+    print(f"== {script}", flush=True)
+    started = time.time()
+    proc = subprocess.run([sys.executable, path] + (["--quick"] if quick else []), stdout=subprocess.PIPE,
+                          text=True, timeout=1200)
+    print(proc.stdout, flush=True)
+    if proc.returncode:
+        return f"_bench/{script} failed with exit code {proc.returncode}._"
+    md = os.path.join(results, script.removesuffix(".py") + ".md")
+    if os.path.exists(md) and os.path.getmtime(md) >= started:
+        with open(md) as f:
+            return f.read().strip()
+    return proc.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny N, few rounds: a smoke run")
+    ap.add_argument("--out", help="results directory (default: bench/results, or a temp dir with --quick)")
+    ap.add_argument("--skip-peers", action="store_true", help="don't run the other benchmark scripts")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, HERE)
+    warnings.filterwarnings("ignore", message=".*worker processes in total.*")  # 4 workers on 2 cores, on purpose
+
+    import common
+    import dataloader
+    import lookup
+    import memory
+    from corpus import corpus
+
+    s = _settings(args.quick)
+    out = args.out or (tempfile.mkdtemp(prefix="cached-bench-quick-") if args.quick else common.RESULTS)
+    t0 = time.perf_counter()
+    host = common.machine()
+    print(f"== building {s['n']} latents per size", flush=True)
+    with corpus(s["n"]) as c:
+        print(f"   daemon computed {2 * s['n']} latents in {c.warm_s:.0f} s", flush=True)
+        print("== DataLoader throughput", flush=True)
+        dl = dataloader.run(c, rounds=s["rounds"], epochs=s["epochs"])
+        dl_md = dataloader.report(dl, c, 4, 32, s["rounds"])
+        dataloader.plot(dl, os.path.join(out, "dataloader.png"))
+        common.write_result(out, "dataloader.md", dl_md)
+        print(dl_md, flush=True)
+        print("== lookup latency", flush=True)
+        lk_md = lookup.report(lookup.run(c, reps=s["lookup_reps"], batch=s["lookup_batch"]))
+        common.write_result(out, "lookup.md", lk_md)
+        print(lk_md, flush=True)
+        print("== memory", flush=True)
+        size = "512KiB"
+        ks = (1, 2) if args.quick else (1, 2, 4)
+        trials = memory.run(c, size, ks=ks, workers=2, epochs=s["mem_epochs"])
+        mem_md = memory.report(trials, c.sizes[size], s["mem_epochs"])
+        memory.plot(trials, c.sizes[size], os.path.join(out, "memory.png"))
+        common.write_result(out, "memory.md", mem_md)
+        print(mem_md, flush=True)
+    peers = [] if args.skip_peers else [md for p in PEERS if (md := _peer(p, args.quick, common.RESULTS))]
+    minutes = (time.perf_counter() - t0) / 60
+    host["load average (1 min) at end"] = f"{os.getloadavg()[0]:.1f}"
+    header = "\n".join([
+        "### Benchmarks",
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in host.items()) + ".",
+        "",
+        f"Command: `make bench` (`.venv/bin/python bench/run.py{' --quick' if args.quick else ''}`), "
+        f"{minutes:.1f} min in all. Ratios compare methods measured in the same run.",
+    ])
+    rel = os.path.relpath(out, os.path.dirname(HERE))
+    block = "\n\n".join([header, dl_md, f"![DataLoader throughput]({rel}/dataloader.png)",
+                         mem_md, f"![Memory vs trainers]({rel}/memory.png)", lk_md, *peers])
+    common.write_result(out, "README-table.md", block)
+    print(f"== done in {minutes:.1f} min; results in {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
