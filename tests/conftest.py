@@ -59,6 +59,7 @@ class Daemon:
         self.shm_dir = tempfile.mkdtemp(prefix="cached-test-", dir="/dev/shm")
         config = {k: dict(v) for k, v in config.items()}
         config.setdefault("store", {}).setdefault("shm_dir", self.shm_dir)
+        self.disk_dir = config["store"].setdefault("disk_dir", os.path.join(workdir, "disk"))
         self.config_path = write_config(os.path.join(workdir, "cached.toml"), config)
         self.log_path = os.path.join(workdir, "daemon.log")
         self.proc: subprocess.Popen | None = None

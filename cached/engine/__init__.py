@@ -5,5 +5,6 @@ from .engine import EncoderOptions, Engine, Held
 from .keys import FORMAT_VERSION, entry_key
 from .prefetch import Prefetcher
 from .sources import Sources
+from .tiers import Tiers
 
-__all__ = ["Engine", "EncoderOptions", "Held", "Batcher", "Job", "Sources", "Prefetcher", "entry_key", "FORMAT_VERSION"]
+__all__ = ["Engine", "EncoderOptions", "Held", "Batcher", "Job", "Sources", "Tiers", "Prefetcher", "entry_key", "FORMAT_VERSION"]

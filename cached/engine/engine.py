@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,16 +27,16 @@ from cached_client.specs import ImageSpec, Spec, TextSpec, decode_spec
 
 from ..encoders import Encoder
 from ..images import DEFAULT_MAX_PIXELS, prepare_image
-from ..store import Entry, Owner, ShmStore, TensorBytes
+from ..store import Entry, Owner, TensorBytes
 from .batcher import Batcher, Job
 from .keys import entry_key
 from .sources import Sources
+from .tiers import Held, Tiers
 
 __all__ = ["Engine", "Held", "EncoderOptions", "Item"]
 
 log = logging.getLogger(__name__)
 
-Held = tuple[Entry, int]  # an entry and the lease on it (0: not leased)
 Result = Held | CacheError
 
 
@@ -58,14 +59,15 @@ class Item:
 def _tensor_bytes(t: torch.Tensor) -> TensorBytes:
     t = t.contiguous()
     raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-    return TensorBytes(str(t.dtype).removeprefix("torch."), tuple(t.shape), memoryview(raw.numpy()))
+    return TensorBytes(str(t.dtype).removeprefix("torch."), tuple(t.shape), memoryview(raw.numpy()))  # type: ignore[arg-type]
 
 
 class Engine:
-    def __init__(self, store: ShmStore, encoders: dict[str, Encoder], sources: Sources,
+    def __init__(self, tiers: Tiers, encoders: dict[str, Encoder], sources: Sources,
                  options: dict[str, EncoderOptions] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  decode_workers: int | None = None) -> None:
-        self.store = store
+        self.tiers = tiers
+        self.store = tiers.shm
         self.encoders = encoders
         self.sources = sources
         self.max_pixels = max_pixels
@@ -92,14 +94,22 @@ class Engine:
             if isinstance(item, CacheError):
                 results[i] = item
                 continue
-            held = self.acquire(item.key, owner)
-            self._bump("hits" if held is not None else "misses")
+            held = self.tiers.acquire(item.key, owner)
             if held is not None:
                 results[i] = held
-            elif not compute:
-                results[i] = CacheMiss(f"item {i} ({_describe(item.spec)}) is not cached")
             else:
                 misses.append((i, item))
+        promoted = list(self.pool.map(lambda m: self.tiers.promote(m[1].key, owner), misses)) if misses else []
+        self._bump("hits", len(items) - len(misses) + sum(p is not None for p in promoted))
+        self._bump("misses", sum(p is None for p in promoted))
+        if not compute:
+            for (i, item), held in zip(misses, promoted, strict=True):
+                results[i] = held or CacheMiss(f"item {i} ({_describe(item.spec)}) is not cached")
+            misses = []
+        else:
+            for (i, _), held in zip(misses, promoted, strict=True):
+                results[i] = held
+            misses = [(i, item) for (i, item), held in zip(misses, promoted, strict=True) if held is None]
         futures = self.compute(enc, [item for _, item in misses])
         for (i, item), fut in zip(misses, futures, strict=True):
             results[i] = self._finish(enc, item, fut, owner)
@@ -126,7 +136,7 @@ class Engine:
         for i, item in enumerate(items):
             if isinstance(item, CacheError):
                 settle(i, item, False)
-            elif (held := self.acquire(item.key, None)) is not None:
+            elif (held := self.find(item.key, None)) is not None:
                 settle(i, held, False)
             else:
                 group.append((i, item))
@@ -183,14 +193,9 @@ class Engine:
         except CacheError as exc:
             return exc
 
-    def acquire(self, key: bytes, owner: Owner | None) -> Held | None:
-        entry = self.store.lookup(key)
-        if entry is None:
-            return None
-        if owner is None:
-            return entry, 0
-        lease = self.store.lease(entry, owner)
-        return None if lease is None else (entry, lease)
+    def find(self, key: bytes, owner: Owner | None) -> Held | None:
+        """From shared memory, else promoted from disk; leased to `owner` when given."""
+        return self.tiers.acquire(key, owner) or self.tiers.promote(key, owner)
 
     def compute(self, enc: Encoder, items: list[Item]) -> list[Future]:
         """Futures of the items' entries, shared with every concurrent request for the same key.
@@ -208,7 +213,7 @@ class Engine:
                     fresh.append((item, fut))
                 futures.append(fut)
         for item, fut in fresh:
-            fut.add_done_callback(lambda _, key=item.key: self._forget(key))
+            fut.add_done_callback(partial(self._forget, item.key))
         if fresh:
             jobs: list[Job | None] = [None] * len(fresh)
             remaining = [len(fresh)]
@@ -228,7 +233,7 @@ class Engine:
                 self.pool.submit(self._prepare, enc, item, fut, k, prepared)
         return futures
 
-    def _forget(self, key: bytes) -> None:
+    def _forget(self, key: bytes, _: Future | None = None) -> None:
         with self._mu:
             self._inflight.pop(key, None)
 
@@ -257,7 +262,7 @@ class Engine:
             done(k, job)
 
     def _seal(self, job: Job, outputs: dict[str, torch.Tensor]) -> Entry:
-        entry = self.store.put(job.key, {k: _tensor_bytes(v) for k, v in outputs.items()}, job.meta)
+        entry = self.tiers.seal(job.key, {k: _tensor_bytes(v) for k, v in outputs.items()}, job.meta)
         self._bump("computed")
         return entry
 
@@ -267,7 +272,7 @@ class Engine:
                 fut.result()
             except CacheError as exc:
                 return exc
-            held = self.acquire(item.key, owner)
+            held = self.tiers.acquire(item.key, owner)
             if held is not None:
                 return held
             [fut] = self.compute(enc, [item])
@@ -282,6 +287,7 @@ class Engine:
         for b in self.batchers.values():
             b.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.tiers.close()
 
 
 def _outcome(fut: Future) -> Held | CacheError:

@@ -61,7 +61,7 @@ class Prefetcher:
     def _run(self) -> None:
         while (next_group := self._next_group()) is not None:
             name, group = next_group
-            missing = [it for it in group if self.engine.acquire(it.key, None) is None]
+            missing = [it for it in group if self.engine.find(it.key, None) is None]
             if not missing:
                 continue
             for _ in missing:

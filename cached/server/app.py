@@ -23,8 +23,9 @@ from cached_client.address import resolve_address, socket_path
 from cached_client.errors import CacheError
 
 from ..encoders import WeightDigests, build_encoder
-from ..engine import EncoderOptions, Engine, Prefetcher, Sources
+from ..engine import EncoderOptions, Engine, Prefetcher, Sources, Tiers
 from ..store import Owner, ShmStore
+from ..store.disk import DiskTier
 from ..store.names import new_instance_id
 from .config import Config
 from .interceptors import ErrorInterceptor
@@ -67,6 +68,7 @@ class Daemon:
         self.socket = socket_path(self.target)
         self.group = grp.getgrnam(config.group).gr_gid if config.group else None
         self.store: ShmStore | None = None
+        self.tiers: Tiers | None = None
         self.engine: Engine | None = None
         self.health = health.HealthServicer()
         self.servicer = CacheServicer(self.instance)
@@ -127,7 +129,14 @@ class Daemon:
     def _load(self) -> None:
         cfg = self.config
         self.store = ShmStore(cfg.shm_dir, cfg.shm_capacity(), self.instance, self.group)
-        digests = WeightDigests()
+        disk_dir = cfg.disk_directory()
+        disk = None
+        if disk_dir:
+            os.makedirs(disk_dir, mode=0o750, exist_ok=True)
+            disk = DiskTier(disk_dir, cfg.disk_capacity(), cfg.compression)
+            log.info("disk tier: %s (%s, %s)", disk_dir, cfg.disk_bytes, cfg.compression)
+        self.tiers = Tiers(self.store, disk)
+        digests = WeightDigests(os.path.join(disk_dir, "weight-digests.json") if disk_dir else None)
         encoders, options = {}, {}
         for name, opts in cfg.encoders.items():
             opts = dict(opts)
@@ -136,7 +145,7 @@ class Daemon:
             encoders[name] = build_encoder(name, opts, digests)
         if not encoders:
             log.warning("no encoders configured: every request will fail with UnknownEncoder")
-        self.engine = Engine(self.store, encoders, Sources(cfg.allowed_roots), options,
+        self.engine = Engine(self.tiers, encoders, Sources(cfg.allowed_roots), options,
                              cfg.max_pixels, cfg.decode_workers or None)
         if not cfg.allowed_roots:
             log.warning("store.allowed_roots is empty: any file this daemon can read may be requested")
@@ -162,7 +171,9 @@ class Daemon:
         if self.servicer.prefetcher is not None:
             self.servicer.prefetcher.close()
         if self.engine is not None:
-            self.engine.close()
+            self.engine.close()  # finishes the disk writes in flight
+        elif self.tiers is not None:
+            self.tiers.close()
         if self.store is not None:
             self.store.close()
         if self.socket and os.path.exists(self.socket):

@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--socket", help="unix socket path (overrides the config and CACHED_ADDRESS)")
     s.add_argument("--shm-bytes", help="shared-memory capacity, e.g. 8GiB or 50%% of /dev/shm")
     s.add_argument("--shm-dir", help="tmpfs directory for segments (default /dev/shm)")
-    s.add_argument("--disk-dir", help="persistent tier directory (not implemented in this build)")
+    s.add_argument("--disk-dir", help='persistent tier directory ("" turns the disk tier off)')
     s.add_argument("--tcp", help="also listen on HOST:PORT (off by default)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.add_argument("--grace", type=float, default=10.0, help="seconds to drain calls on SIGTERM")
@@ -31,8 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("cached")
-    if args.disk_dir:
-        log.warning("--disk-dir: the disk tier is not implemented in this build yet; ignored")
     # heavy imports (torch, grpc, diffusers) only after logging is set up
     from .app import Daemon
     from .config import load_config
@@ -42,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         config = load_config(args.config, {"shm_bytes": args.shm_bytes, "shm_dir": args.shm_dir,
-                                           "tcp": args.tcp})
+                                           "tcp": args.tcp, "disk_dir": args.disk_dir})
         daemon = Daemon(config, args.socket)
         daemon.start()
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback

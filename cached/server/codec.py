@@ -10,7 +10,7 @@ from cached_client._proto import cache_pb2 as pb
 from cached_client.errors import CacheError
 from cached_client.wire import HANDLE, encode_layout
 
-from ..engine import Held
+from ..engine import Held, Tiers
 from ..store import Owner, ShmStore
 
 __all__ = ["owner_of", "get_response", "item_errors", "warm_progress", "stats_response"]
@@ -52,12 +52,12 @@ def warm_progress(p: dict[str, Any]) -> pb.WarmProgress:
                            errors=item_errors(p["errors"]))
 
 
-def stats_response(instance: str, uptime: float, store: ShmStore, counters: dict[str, int],
+def stats_response(instance: str, uptime: float, tiers: Tiers, counters: dict[str, int],
                    encoders: dict[str, dict[str, Any]]) -> pb.StatsResponse:
-    s = store.stats()
-    shm = pb.TierStats(entries=s["entries"], bytes=s["bytes"], capacity_bytes=s["capacity_bytes"])
+    s = tiers.shm.stats()
     return pb.StatsResponse(
-        instance=instance, uptime_s=uptime, tiers={"shm": shm},
+        instance=instance, uptime_s=uptime,
+        tiers={name: pb.TierStats(**t) for name, t in tiers.stats().items()},
         counters={**counters, "evictions": s["evictions"]}, leases=s["leases"],
         encoders={name: _encoder_stats(info) for name, info in encoders.items()})
 

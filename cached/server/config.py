@@ -20,7 +20,8 @@ __all__ = ["Config", "load_config"]
 
 log = logging.getLogger(__name__)
 
-_NOT_YET = {"disk_dir", "disk_bytes", "compression"}  # the disk tier (issue 4)
+_NOT_YET: set[str] = set()  # keys accepted but not implemented by this build
+COMPRESSIONS = ("none", "lz4")
 
 
 @dataclass
@@ -31,10 +32,26 @@ class Config:
     workers: int = 32               # gRPC handler threads
     shm_dir: str = "/dev/shm"
     shm_bytes: str = "4GiB"         # bytes or a percentage of shm_dir
+    disk_dir: str | None = None     # None: /var/cache/cached if writable, else ~/.cache/cached; "": off
+    disk_bytes: str = "200GiB"
+    compression: str = "lz4"
     allowed_roots: list[str] = field(default_factory=list)
     max_pixels: int = 16384 * 16384
     decode_workers: int = 0         # 0: min(8, cpus)
     encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def disk_directory(self) -> str | None:
+        """The disk tier's directory, or None when it is turned off."""
+        if self.disk_dir is not None:
+            return self.disk_dir or None
+        system = "/var/cache/cached"
+        if os.access(system if os.path.isdir(system) else os.path.dirname(system), os.W_OK):
+            return system
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "cached")
+
+    def disk_capacity(self) -> int:
+        return parse_size(self.disk_bytes, what="disk_bytes")
 
     def shm_capacity(self) -> int:
         st = os.statvfs(self.shm_dir)
@@ -98,3 +115,8 @@ def _validate(cfg: Config) -> None:
     if not os.path.isdir(cfg.shm_dir):
         raise ValueError(f"store.shm_dir {cfg.shm_dir!r} is not a directory")
     cfg.shm_capacity()  # parses shm_bytes, naming a bad value
+    cfg.disk_capacity()
+    if cfg.compression not in COMPRESSIONS:
+        raise ValueError(f"store.compression must be one of {COMPRESSIONS}, got {cfg.compression!r}")
+    if cfg.disk_dir and not os.path.isabs(cfg.disk_dir):
+        raise ValueError(f"store.disk_dir must be an absolute path, got {cfg.disk_dir!r}")

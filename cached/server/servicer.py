@@ -76,8 +76,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
                         or (request.source_prefix and entry.meta.get("source", "").startswith(request.source_prefix))
                         or entry.key in keys)
 
-        entries, freed, pending = engine.store.evict(match)
-        return pb.EvictResponse(entries=entries, bytes=freed, pending=pending)
+        return pb.EvictResponse(**engine.tiers.evict(match, request.tier))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         engine = self._ready()
@@ -85,8 +84,8 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
             name: {**enc.describe(), "items": b.items, "batches": b.batches,
                    "max_batch_seen": b.max_batch_seen, "busy_s": b.busy_s}
             for name, enc in engine.encoders.items() if (b := engine.batchers[name])}
-        counters = dict(engine.counters)
+        counters = {**engine.counters, **engine.tiers.counter_values()}
         if self.prefetcher is not None:
             counters.update(prefetch_queued=self.prefetcher.queued, prefetch_dropped=self.prefetcher.dropped)
-        return codec.stats_response(self.instance, time.monotonic() - self.started, engine.store,
+        return codec.stats_response(self.instance, time.monotonic() - self.started, engine.tiers,
                                     counters, encoders)

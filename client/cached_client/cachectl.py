@@ -184,8 +184,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "evict":
         r = client.evict(all=args.all, encoder=args.encoder, source_prefix=args.source_prefix,
                          keys=args.keys or (), tier=args.tier)
-        print(f"evicted {r['entries']} entries ({format_bytes(r['bytes'])} freed now, "
-              f"{r['pending']} still held by clients, freed on release)")
+        print(f"evicted {r['entries']} entries from shared memory ({format_bytes(r['bytes'])} freed now, "
+              f"{r['pending']} still held by clients, freed on release), {r['disk_entries']} from disk "
+              f"({format_bytes(r['disk_bytes'])})")
         return 0
     return _stats(client, args.json)
 

@@ -87,8 +87,9 @@ class _Process:
             if lease.epoch != epoch or lease.alive():
                 continue  # revived since
             lease.segment.drop_pages(lease.offset, lease.length)
-            if self.handles.get(lease.hkey) is lease:  # else it belonged to a restarted daemon
-                self.make_idle(lease)
+            current = self.handles.get(lease.hkey)
+            if current is lease:  # else it belonged to a restarted daemon
+                self.make_idle(current)
 
     def make_idle(self, lease: Lease) -> None:
         if not self.idle:
@@ -260,7 +261,8 @@ class CacheClient:
         prefix = os.path.abspath(source_prefix) if source_prefix else ""
         reply = self._call(self._process(), "Evict", pb.EvictRequest(
             all=all, encoder=encoder or "", source_prefix=prefix, keys=list(keys), tier=tier))
-        return {"entries": reply.entries, "bytes": reply.bytes, "pending": reply.pending}
+        return {"entries": reply.entries, "bytes": reply.bytes, "pending": reply.pending,
+                "disk_entries": reply.disk_entries, "disk_bytes": reply.disk_bytes}
 
     def stats(self) -> dict[str, Any]:
         """Counters and tier sizes, as `cachectl stats --json` prints them."""

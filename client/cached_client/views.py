@@ -88,7 +88,7 @@ class Lease:
 
 def _tensor(base: np.ndarray, dtype: str, shape: tuple[int, ...], off: int, nbytes: int,
             want_torch: bool) -> Any:
-    arr = base[off:off + nbytes].view(_NUMPY[dtype]).reshape(shape)
+    arr: np.ndarray = base[off:off + nbytes].view(_NUMPY[dtype]).reshape(shape)
     if not want_torch:
         return arr
     t = torch.from_numpy(arr)

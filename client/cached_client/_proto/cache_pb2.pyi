@@ -131,14 +131,18 @@ class EvictRequest(_message.Message):
     def __init__(self, all: _Optional[bool] = ..., encoder: _Optional[str] = ..., source_prefix: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class EvictResponse(_message.Message):
-    __slots__ = ("entries", "bytes", "pending")
+    __slots__ = ("entries", "bytes", "pending", "disk_entries", "disk_bytes")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
+    DISK_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     entries: int
     bytes: int
     pending: int
-    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
+    disk_entries: int
+    disk_bytes: int
+    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., pending: _Optional[int] = ..., disk_entries: _Optional[int] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,122 @@
+"""Shared memory in front of the disk tier: lookups, promotion, write-through, eviction, stats.
+
+A sealed entry goes to shared memory at once and is written through to disk by background writers
+(a durable write costs an fsync of the file and its directory, milliseconds the encoder must not
+wait for). A shared-memory miss that the disk holds is promoted: read (verified by checksum), put in
+shared memory, leased. With no disk tier configured every call simply skips it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cached_client.errors import CacheError
+
+from ..store import Entry, Owner, ShmStore, TensorBytes
+from ..store.disk import DiskTier
+
+__all__ = ["Tiers", "Held"]
+
+log = logging.getLogger(__name__)
+
+Held = tuple[Entry, int]  # an entry and the lease on it (0: not leased)
+MAX_PENDING_WRITES = 512  # sealing waits when this many entries are not on disk yet
+
+
+class Tiers:
+    def __init__(self, shm: ShmStore, disk: DiskTier | None = None, writers: int = 2) -> None:
+        self.shm = shm
+        self.disk = disk
+        self._writers = ThreadPoolExecutor(writers, thread_name_prefix="disk-write") if disk else None
+        self._pending = threading.BoundedSemaphore(MAX_PENDING_WRITES)
+        self._mu = threading.Lock()
+        self.counters = {"disk_hits": 0, "promotions": 0, "disk_write_errors": 0}
+
+    def acquire(self, key: bytes, owner: Owner | None) -> Held | None:
+        """The entry from shared memory, leased to `owner` (when given); None on a miss."""
+        entry = self.shm.lookup(key)
+        if entry is None:
+            return None
+        if owner is None:
+            return entry, 0
+        lease = self.shm.lease(entry, owner)
+        return None if lease is None else (entry, lease)
+
+    def promote(self, key: bytes, owner: Owner | None) -> Held | None:
+        """A shared-memory miss served from disk; None when the disk does not have it either."""
+        if self.disk is None:
+            return None
+        found = self.disk.get(key)
+        if found is None:
+            return None
+        tensors, meta = found
+        self.shm.put(key, tensors, meta)
+        with self._mu:
+            self.counters["disk_hits"] += 1
+            self.counters["promotions"] += 1
+        return self.acquire(key, owner)
+
+    def seal(self, key: bytes, tensors: dict[str, TensorBytes], meta: dict[str, str]) -> Entry:
+        """Into shared memory now, onto disk soon. `tensors` must stay valid until written."""
+        entry = self.shm.put(key, tensors, meta)
+        if self._writers is not None:
+            self._pending.acquire()
+            self._writers.submit(self._write, key, tensors, meta)
+        return entry
+
+    def _write(self, key: bytes, tensors: dict[str, TensorBytes], meta: dict[str, str]) -> None:
+        assert self.disk is not None
+        try:
+            if not self.disk.contains(key):
+                self.disk.put(key, tensors, meta)
+        except (CacheError, OSError, ValueError) as exc:  # the entry stays served from shared memory
+            with self._mu:
+                self.counters["disk_write_errors"] += 1
+            log.warning("writing %s to disk failed: %s", key.hex()[:16], exc)
+        finally:
+            self._pending.release()
+
+    def evict(self, match: Callable[[Any], bool], tier: str) -> dict[str, int]:
+        """Evicts from the tiers that `tier` names ("shm", "disk", "all"): counts per tier."""
+        out = {"entries": 0, "bytes": 0, "pending": 0, "disk_entries": 0, "disk_bytes": 0}
+        if tier in ("", "all", "shm"):
+            out["entries"], out["bytes"], out["pending"] = self.shm.evict(match)
+        if tier in ("", "all", "disk") and self.disk is not None:
+            self.flush()
+            out["disk_entries"], out["disk_bytes"] = self.disk.evict(match)
+        return out
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        s = self.shm.stats()
+        tiers = {"shm": {"entries": s["entries"], "bytes": s["bytes"], "capacity_bytes": s["capacity_bytes"]}}
+        if self.disk is not None:
+            d = self.disk.stats()
+            tiers["disk"] = {"entries": d["entries"], "bytes": d["bytes"], "capacity_bytes": d["capacity_bytes"]}
+        return tiers
+
+    def counter_values(self) -> dict[str, int]:
+        out = dict(self.counters)
+        if self.disk is not None:
+            d = self.disk.stats()
+            out.update(disk_corrupt=d["corrupt"], disk_evictions=d["evictions"], disk_writes=d["writes"])
+        return out
+
+    def flush(self) -> None:
+        """Waits until every sealed entry is on disk."""
+        if self._writers is None:
+            return
+        for _ in range(MAX_PENDING_WRITES):
+            self._pending.acquire()
+        for _ in range(MAX_PENDING_WRITES):
+            self._pending.release()
+
+    def close(self) -> None:
+        """Finishes pending disk writes and closes the disk tier (the shm store is closed by its owner)."""
+        if self._writers is not None:
+            self._writers.shutdown(wait=True)
+        if self.disk is not None:
+            self.disk.close()
