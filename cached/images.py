@@ -24,13 +24,12 @@ def _open(data: bytes, path: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
+            opened = Image.open(io.BytesIO(data))
+            w, h = opened.size
             if w * h > max_pixels:
                 raise SourceError(f"{path}: {w}x{h} is more than max_pixels ({max_pixels}); "
                                   f"refusing a possible decompression bomb")
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            return ImageOps.exif_transpose(opened).convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SourceError(f"{path}: not a readable image ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt files

@@ -84,6 +84,11 @@ class DiffusersVAE(Encoder):
         log.info("encoder %s: %s from %s on %s (%s, %s), normalisation %s", name, self.cls.__name__,
                  path, self.devices, dtype, sample, self.norm.describe())
 
+    @property
+    def latent_channels(self) -> int | None:
+        config = self._replicas[0].model.config
+        return getattr(config, "latent_channels", None) or getattr(config, "z_dim", None)
+
     def _load(self, device: str, files: list[str]) -> torch.nn.Module:
         if self.single_file:
             model = self.cls.from_single_file(self.path, config=self.config_dir, torch_dtype=self.dtype,

@@ -33,7 +33,7 @@ from .keys import entry_key
 from .sources import Sources
 from .tiers import Held, Tiers
 
-__all__ = ["Engine", "Held", "EncoderOptions", "Item"]
+__all__ = ["Engine", "Held", "EncoderOptions", "Item", "tensor_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class Item:
     data: bytes | None  # the source bytes when they were read to digest them
 
 
-def _tensor_bytes(t: torch.Tensor) -> TensorBytes:
+def tensor_bytes(t: torch.Tensor) -> TensorBytes:
+    """A CPU tensor's bytes for the store, without a copy when it is contiguous."""
     t = t.contiguous()
     raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
     return TensorBytes(str(t.dtype).removeprefix("torch."), tuple(t.shape), memoryview(raw.numpy()))  # type: ignore[arg-type]
@@ -241,7 +242,7 @@ class Engine:
                  done: Callable[[int, Job | None], None]) -> None:
         job = None
         try:
-            meta = {"encoder": enc.name, "source": item.real, "spec": json.dumps(item.spec._wire)}
+            meta = {"encoder": enc.name, "source": item.real, "spec": item.spec.wire_json()}
             seed = int.from_bytes(item.key[:8], "little")
             if isinstance(item.spec, ImageSpec):
                 data = item.data
@@ -262,7 +263,7 @@ class Engine:
             done(k, job)
 
     def _seal(self, job: Job, outputs: dict[str, torch.Tensor]) -> Entry:
-        entry = self.tiers.seal(job.key, {k: _tensor_bytes(v) for k, v in outputs.items()}, job.meta)
+        entry = self.tiers.seal(job.key, {k: tensor_bytes(v) for k, v in outputs.items()}, job.meta)
         self._bump("computed")
         return entry
 

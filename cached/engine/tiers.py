@@ -90,6 +90,17 @@ class Tiers:
             out["disk_entries"], out["disk_bytes"] = self.disk.evict(match)
         return out
 
+    def list_entries(self, tier: str, match: Callable[[Any], bool]) -> list[dict[str, Any]]:
+        """Rows (key, tier, bytes, meta, leases) of matching entries, least recently used first."""
+        rows: list[dict[str, Any]] = []
+        if tier in ("", "all", "shm"):
+            rows += [{"key": e.key, "tier": "shm", "bytes": e.length, "meta": e.meta, "leases": e.leases}
+                     for e in self.shm.list_entries() if match(e)]
+        if tier in ("", "all", "disk") and self.disk is not None:
+            rows += [{"key": e.key, "tier": "disk", "bytes": e.size, "meta": e.meta, "leases": 0}
+                     for e in self.disk.list_entries() if match(e)]
+        return rows
+
     def stats(self) -> dict[str, dict[str, int]]:
         s = self.shm.stats()
         tiers = {"shm": {"entries": s["entries"], "bytes": s["bytes"], "capacity_bytes": s["capacity_bytes"]}}

@@ -13,7 +13,8 @@ from cached_client.wire import HANDLE, encode_layout
 from ..engine import Held, Tiers
 from ..store import Owner, ShmStore
 
-__all__ = ["owner_of", "get_response", "item_errors", "warm_progress", "stats_response"]
+__all__ = ["owner_of", "get_response", "item_errors", "warm_progress", "stats_response", "list_response",
+           "import_progress"]
 
 
 def owner_of(msg: pb.Owner) -> Owner | None:
@@ -65,3 +66,16 @@ def stats_response(instance: str, uptime: float, tiers: Tiers, counters: dict[st
 def _encoder_stats(info: dict[str, Any]) -> pb.EncoderStats:
     fields = pb.EncoderStats.DESCRIPTOR.fields_by_name
     return pb.EncoderStats(**{k: v for k, v in info.items() if k in fields})
+
+
+def list_response(rows: list[dict[str, Any]], limit: int) -> pb.ListResponse:
+    shown = rows[:limit] if limit else rows
+    return pb.ListResponse(total=len(rows), entries=[
+        pb.EntryInfo(key=r["key"].hex(), tier=r["tier"], bytes=r["bytes"], encoder=r["meta"].get("encoder", ""),
+                     source=r["meta"].get("source", ""), spec=r["meta"].get("spec", ""), leases=r["leases"])
+        for r in shown])
+
+
+def import_progress(p: dict[str, Any]) -> pb.ImportProgress:
+    return pb.ImportProgress(seen=p["seen"], imported=p["imported"], already=p["already"],
+                             skipped=p["skipped"], examples=p["examples"])

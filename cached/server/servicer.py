@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -14,6 +14,7 @@ from cached_client.errors import DaemonUnavailable, InvalidSpec
 from cached_client.wire import unpack_leases
 
 from ..engine import Engine, Prefetcher
+from ..engine.importing import import_cache
 from . import codec
 
 __all__ = ["CacheServicer"]
@@ -60,23 +61,25 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         return pb.ReleaseResponse(released=self._ready().store.release(owner, unpack_leases(request.leases)))
 
     def Evict(self, request: pb.EvictRequest, context: grpc.ServicerContext) -> pb.EvictResponse:
-        if request.tier not in TIERS:
-            raise InvalidSpec(f"tier must be one of shm, disk, all; got {request.tier!r}")
+        _check_tier(request.tier)
         if not (request.all or request.encoder or request.source_prefix or request.keys):
             raise InvalidSpec("evict needs all, an encoder, a source prefix or keys")
-        engine = self._ready()
-        try:
-            keys = {bytes.fromhex(k) for k in request.keys}
-        except ValueError:
-            raise InvalidSpec(f"keys must be hex digests, got {list(request.keys)[:3]!r}") from None
+        match = _matcher(request.all, request.encoder, request.source_prefix, request.keys)
+        return pb.EvictResponse(**self._ready().tiers.evict(match, request.tier))
 
-        def match(entry: Any) -> bool:
-            return bool(request.all
-                        or (request.encoder and entry.meta.get("encoder") == request.encoder)
-                        or (request.source_prefix and entry.meta.get("source", "").startswith(request.source_prefix))
-                        or entry.key in keys)
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
+        _check_tier(request.tier)
+        everything = not (request.encoder or request.source_prefix)
+        match = _matcher(everything, request.encoder, request.source_prefix, ())
+        return codec.list_response(self._ready().tiers.list_entries(request.tier, match), request.limit)
 
-        return pb.EvictResponse(**engine.tiers.evict(match, request.tier))
+    def Import(self, request: pb.ImportRequest, context: grpc.ServicerContext) -> Iterator[pb.ImportProgress]:
+        size = (request.width, request.height) if request.width and request.height else None
+        for progress in import_cache(self._ready(), request.encoder, request.format, request.path, size,
+                                     request.image_root or None, request.arch or None, request.crop):
+            if not context.is_active():
+                return
+            yield codec.import_progress(progress)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         engine = self._ready()
@@ -89,3 +92,24 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
             counters.update(prefetch_queued=self.prefetcher.queued, prefetch_dropped=self.prefetcher.dropped)
         return codec.stats_response(self.instance, time.monotonic() - self.started, engine.tiers,
                                     counters, encoders)
+
+
+def _check_tier(tier: str) -> None:
+    if tier not in TIERS:
+        raise InvalidSpec(f"tier must be one of shm, disk, all; got {tier!r}")
+
+
+def _matcher(everything: bool, encoder: str, source_prefix: str, keys: Any) -> Callable[[Any], bool]:
+    """A predicate over store entries (shm or disk: both have .key and .meta)."""
+    try:
+        wanted = {bytes.fromhex(k) for k in keys}
+    except ValueError:
+        raise InvalidSpec(f"keys must be hex digests, got {list(keys)[:3]!r}") from None
+
+    def match(entry: Any) -> bool:
+        return bool(everything
+                    or (encoder and entry.meta.get("encoder") == encoder)
+                    or (source_prefix and entry.meta.get("source", "").startswith(source_prefix))
+                    or entry.key in wanted)
+
+    return match

@@ -72,7 +72,7 @@ class ShmStore:
         self.instance = instance
         sweep_stale(shm_dir)
         check_shm_capacity(shm_dir, capacity)
-        self._lock_fd = hold_instance_lock(shm_dir, instance)
+        self._lock_fd: int | None = hold_instance_lock(shm_dir, instance)
         self.arenas: list[Arena] = []
         try:
             n = -(-capacity // arena_bytes)
@@ -222,6 +222,12 @@ class ShmStore:
                 self._drop(entry)
             self.evictions += len(victims)
             return len(victims), freed, pending
+
+    def list_entries(self) -> list[Entry]:
+        """Indexed entries, least recently used first (held ones last)."""
+        with self._mu:
+            held = [e for e in self._index.values() if e.leases]
+            return [*self._lru.values(), *held]
 
     def stats(self) -> dict[str, int]:
         with self._mu:

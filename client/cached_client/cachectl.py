@@ -56,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tier", default="all", choices=["shm", "disk", "all"])
     s = sub.add_parser("stats", help="tier sizes and counters")
     s.add_argument("--json", action="store_true")
+    ls = sub.add_parser("ls", help="list entries, least recently used first")
+    ls.add_argument("--tier", default="all", choices=["shm", "disk", "all"])
+    ls.add_argument("--encoder")
+    ls.add_argument("--source-prefix")
+    ls.add_argument("--limit", type=int, default=50, help="at most this many rows (0: all)")
+    ls.add_argument("--json", action="store_true")
+    im = sub.add_parser("import", help="import another trainer's latent cache")
+    im.add_argument("--format", required=True, choices=["ai-toolkit", "kohya", "simpletuner"])
+    im.add_argument("--encoder", required=True, help="the encoder the cache was made with")
+    im.add_argument("--size", type=_size, help="import only latents of this WIDTHxHEIGHT")
+    im.add_argument("--image-root", help="SimpleTuner: the directory of the images")
+    im.add_argument("--arch", help="kohya: only files with this arch suffix (sdxl, sd3, flux, ...)")
+    im.add_argument("--crop", default="center", choices=CROPS, help="crop to record where the cache doesn't say")
+    im.add_argument("path", help="the cache directory (for ai-toolkit and kohya: the image directory)")
     return p
 
 
@@ -173,6 +187,39 @@ def _stats(client: CacheClient, as_json: bool) -> int:
     return 0
 
 
+def _ls(client: CacheClient, args: argparse.Namespace) -> int:
+    rows, total = client.ls(tier=args.tier, encoder=args.encoder, source_prefix=args.source_prefix,
+                            limit=args.limit)
+    if args.json:
+        print(json.dumps({"entries": rows, "total": total}, indent=2))
+        return 0
+    for r in rows:
+        spec = json.loads(r["spec"]) if r["spec"] else []
+        what = f"{spec[2]}x{spec[3]} {spec[4]}{' flip' if spec[5] else ''}" if spec[:1] == ["i"] else "text"
+        held = f" held x{r['leases']}" if r["leases"] else ""
+        print(f"{r['key'][:16]}  {r['tier']:4s} {format_bytes(r['bytes']):>10}  {r['encoder']:8s} {what:20s} "
+              f"{r['source']}{held}")
+    print(f"{len(rows)} of {total} entries")
+    return 0
+
+
+def _import(client: CacheClient, args: argparse.Namespace) -> int:
+    def progress(p: Any) -> None:
+        print(f"\r{p.seen} cache files read, {p.imported} imported", end="", file=sys.stderr, flush=True)
+
+    r = client.import_cache(args.format, args.path, args.encoder, size=args.size, image_root=args.image_root,
+                            arch=args.arch, crop=args.crop, progress=progress)
+    print(file=sys.stderr)
+    skipped = sum(r["skipped"].values())
+    print(f"imported {r['imported']} of {r['seen']} cached latents ({r['already']} already cached, "
+          f"{skipped} skipped)")
+    for reason, n in sorted(r["skipped"].items(), key=lambda kv: -kv[1]):
+        print(f"  skipped {n}: {reason}")
+    for line in r["examples"]:
+        print(f"    {line}", file=sys.stderr)
+    return 1 if r["seen"] and not (r["imported"] or r["already"]) else 0
+
+
 def run(args: argparse.Namespace) -> int:
     client = CacheClient(args.address, connect_timeout=args.timeout)
     if args.command == "health":
@@ -188,6 +235,10 @@ def run(args: argparse.Namespace) -> int:
               f"{r['pending']} still held by clients, freed on release), {r['disk_entries']} from disk "
               f"({format_bytes(r['disk_bytes'])})")
         return 0
+    if args.command == "ls":
+        return _ls(client, args)
+    if args.command == "import":
+        return _import(client, args)
     return _stats(client, args.json)
 
 

@@ -264,6 +264,40 @@ class CacheClient:
         return {"entries": reply.entries, "bytes": reply.bytes, "pending": reply.pending,
                 "disk_entries": reply.disk_entries, "disk_bytes": reply.disk_bytes}
 
+    def ls(self, *, tier: str = "all", encoder: str | None = None, source_prefix: str | None = None,
+           limit: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """(entries, total matching) of both tiers, least recently used first."""
+        prefix = os.path.abspath(source_prefix) if source_prefix else ""
+        r = self._call(self._process(), "List", pb.ListRequest(tier=tier, encoder=encoder or "",
+                                                               source_prefix=prefix, limit=limit))
+        rows = [{"key": e.key, "tier": e.tier, "bytes": e.bytes, "encoder": e.encoder, "source": e.source,
+                 "spec": e.spec, "leases": e.leases} for e in r.entries]
+        return rows, r.total
+
+    def import_cache(self, format: str, path: str, encoder: str, *, size: tuple[int, int] | None = None,
+                     image_root: str | None = None, arch: str | None = None, crop: str = "center",
+                     progress: Callable[[pb.ImportProgress], None] | None = None) -> dict[str, Any]:
+        """Imports another trainer's cache (read by the daemon): {"seen", "imported", "already",
+        "skipped": {reason: n}, "examples": [...]}."""
+        request = pb.ImportRequest(format=format, path=os.path.abspath(path), encoder=encoder,
+                                   width=size[0] if size else 0, height=size[1] if size else 0,
+                                   image_root=os.path.abspath(image_root) if image_root else "",
+                                   arch=arch or "", crop=crop)
+        stream = self._process().stub.Import(request, timeout=self.timeout)
+        examples: list[str] = []
+        last = pb.ImportProgress()
+        try:
+            for last in stream:
+                examples += last.examples
+                if progress is not None:
+                    progress(last)
+        except grpc.RpcError as exc:
+            raise _mapped(exc, self.target) from exc
+        finally:
+            stream.cancel()
+        return {"seen": last.seen, "imported": last.imported, "already": last.already,
+                "skipped": dict(last.skipped), "examples": examples}
+
     def stats(self) -> dict[str, Any]:
         """Counters and tier sizes, as `cachectl stats --json` prints them."""
         r = self._call(self._process(), "Stats", pb.StatsRequest())

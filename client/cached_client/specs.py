@@ -67,6 +67,9 @@ class ImageSpec:
         wire_crop = list(crop) if isinstance(crop, tuple) else crop
         object.__setattr__(self, "_wire", ["i", path, size[0], size[1], wire_crop, self.flip])
 
+    def wire_json(self) -> str:
+        return json.dumps(self._wire, separators=(",", ":"))
+
 
 @dataclass(frozen=True)
 class TextSpec:
@@ -79,6 +82,9 @@ class TextSpec:
         if not isinstance(self.text, str):
             raise ValueError(f"text must be a str, got {type(self.text).__name__}")
         object.__setattr__(self, "_wire", ["t", self.text])
+
+    def wire_json(self) -> str:
+        return json.dumps(self._wire, separators=(",", ":"))
 
 
 Spec = ImageSpec | TextSpec

@@ -212,3 +212,82 @@ class StatsResponse(_message.Message):
     encoders: _containers.MessageMap[str, EncoderStats]
     leases: int
     def __init__(self, instance: _Optional[str] = ..., uptime_s: _Optional[float] = ..., tiers: _Optional[_Mapping[str, TierStats]] = ..., counters: _Optional[_Mapping[str, int]] = ..., encoders: _Optional[_Mapping[str, EncoderStats]] = ..., leases: _Optional[int] = ...) -> None: ...
+
+class ListRequest(_message.Message):
+    __slots__ = ("tier", "encoder", "source_prefix", "limit")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    encoder: str
+    source_prefix: str
+    limit: int
+    def __init__(self, tier: _Optional[str] = ..., encoder: _Optional[str] = ..., source_prefix: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class EntryInfo(_message.Message):
+    __slots__ = ("key", "tier", "bytes", "encoder", "source", "spec", "leases")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    tier: str
+    bytes: int
+    encoder: str
+    source: str
+    spec: str
+    leases: int
+    def __init__(self, key: _Optional[str] = ..., tier: _Optional[str] = ..., bytes: _Optional[int] = ..., encoder: _Optional[str] = ..., source: _Optional[str] = ..., spec: _Optional[str] = ..., leases: _Optional[int] = ...) -> None: ...
+
+class ListResponse(_message.Message):
+    __slots__ = ("entries", "total")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[EntryInfo]
+    total: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[EntryInfo, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+
+class ImportRequest(_message.Message):
+    __slots__ = ("format", "path", "encoder", "width", "height", "image_root", "arch", "crop")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ROOT_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
+    format: str
+    path: str
+    encoder: str
+    width: int
+    height: int
+    image_root: str
+    arch: str
+    crop: str
+    def __init__(self, format: _Optional[str] = ..., path: _Optional[str] = ..., encoder: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., image_root: _Optional[str] = ..., arch: _Optional[str] = ..., crop: _Optional[str] = ...) -> None: ...
+
+class ImportProgress(_message.Message):
+    __slots__ = ("seen", "imported", "already", "skipped", "examples")
+    class SkippedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SEEN_FIELD_NUMBER: _ClassVar[int]
+    IMPORTED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    seen: int
+    imported: int
+    already: int
+    skipped: _containers.ScalarMap[str, int]
+    examples: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, seen: _Optional[int] = ..., imported: _Optional[int] = ..., already: _Optional[int] = ..., skipped: _Optional[_Mapping[str, int]] = ..., examples: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -64,6 +64,16 @@ class CacheStub:
                 request_serializer=cached__client_dot___proto_dot_cache__pb2.StatsRequest.SerializeToString,
                 response_deserializer=cached__client_dot___proto_dot_cache__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/cached.v1.Cache/List',
+                request_serializer=cached__client_dot___proto_dot_cache__pb2.ListRequest.SerializeToString,
+                response_deserializer=cached__client_dot___proto_dot_cache__pb2.ListResponse.FromString,
+                _registered_method=True)
+        self.Import = channel.unary_stream(
+                '/cached.v1.Cache/Import',
+                request_serializer=cached__client_dot___proto_dot_cache__pb2.ImportRequest.SerializeToString,
+                response_deserializer=cached__client_dot___proto_dot_cache__pb2.ImportProgress.FromString,
+                _registered_method=True)
 
 
 class CacheServicer:
@@ -109,6 +119,20 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """Lists entries of both tiers, least recently used first (for `cachectl ls`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Import(self, request, context):
+        """Imports another trainer's latent cache (files the daemon reads), streaming progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +165,16 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=cached__client_dot___proto_dot_cache__pb2.StatsRequest.FromString,
                     response_serializer=cached__client_dot___proto_dot_cache__pb2.StatsResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=cached__client_dot___proto_dot_cache__pb2.ListRequest.FromString,
+                    response_serializer=cached__client_dot___proto_dot_cache__pb2.ListResponse.SerializeToString,
+            ),
+            'Import': grpc.unary_stream_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=cached__client_dot___proto_dot_cache__pb2.ImportRequest.FromString,
+                    response_serializer=cached__client_dot___proto_dot_cache__pb2.ImportProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +339,60 @@ class Cache:
             '/cached.v1.Cache/Stats',
             cached__client_dot___proto_dot_cache__pb2.StatsRequest.SerializeToString,
             cached__client_dot___proto_dot_cache__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cached.v1.Cache/List',
+            cached__client_dot___proto_dot_cache__pb2.ListRequest.SerializeToString,
+            cached__client_dot___proto_dot_cache__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cached.v1.Cache/Import',
+            cached__client_dot___proto_dot_cache__pb2.ImportRequest.SerializeToString,
+            cached__client_dot___proto_dot_cache__pb2.ImportProgress.FromString,
             options,
             channel_credentials,
             insecure,
