@@ -28,7 +28,7 @@ PEERS = ("compression.py", "disk_restart.py", "weights_load.py")  # owned elsewh
 def _settings(quick: bool) -> dict[str, int]:
     if quick:
         return {"n": 128, "rounds": 2, "epochs": 1, "mem_epochs": 2, "lookup_batch": 64, "lookup_reps": 50}
-    return {"n": 1024, "rounds": 5, "epochs": 2, "mem_epochs": 3, "lookup_batch": 256, "lookup_reps": 200}
+    return {"n": 1024, "rounds": 7, "epochs": 2, "mem_epochs": 3, "lookup_batch": 256, "lookup_reps": 200}
 
 
 def _peer(script: str, quick: bool, results: str) -> str | None:
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = _settings(args.quick)
     out = args.out or (tempfile.mkdtemp(prefix="cached-bench-quick-") if args.quick else common.RESULTS)
+    os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     host = common.machine()
     print(f"== building {s['n']} latents per size", flush=True)
