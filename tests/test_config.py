@@ -67,7 +67,11 @@ path = "/models/vae"
     assert cfg.socket == "/tmp/x.sock" and cfg.shm_bytes == "2MiB" and cfg.shm_capacity() == 2 << 20
     assert cfg.allowed_roots == ["/data"] and cfg.encoders["vae"]["path"] == "/models/vae"
     text = caplog.text
-    assert "store.disk_dir" in text and "store.wibble" in text and "[s3]" in text
+    assert "store.wibble" in text and "[s3]" in text
+    writable = os.access("/var/cache", os.W_OK)
+    assert cfg.disk_directory() == "/var/cache/cached" if writable else cfg.disk_directory().endswith("/cached")
+    cfg.disk_dir = ""
+    assert cfg.disk_directory() is None
 
 
 @pytest.mark.parametrize("body,message", [

@@ -219,3 +219,29 @@ def test_restart_sweeps_segments_of_a_killed_daemon(daemon_factory, tiny_vae, im
     assert old and set(d.segments()) == old  # a killed daemon leaves its files behind
     d.start()
     assert not old & set(d.segments())
+
+
+def test_socket_is_0660_and_tcp_only_when_configured(daemon_factory, tiny_vae, images):
+    import socket
+    import stat
+
+    d = daemon_factory(vae_config(tiny_vae))
+    assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o660
+    import psutil
+
+    def inet_listeners(pid: int) -> list:
+        return [c for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+
+    assert inet_listeners(d.proc.pid) == []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = vae_config(tiny_vae)
+    config["server"] = {"tcp": f"127.0.0.1:{port}"}
+    t = daemon_factory(config)
+    from cached_client import CacheClient
+
+    [e] = CacheClient(f"127.0.0.1:{port}").get([ImageSpec(images[0], (64, 64))], encoder="vae")
+    assert e["latent"].shape == (4, 8, 8)
+    assert stat.S_IMODE(os.stat(t.socket).st_mode) == 0o660  # the unix socket is still there
+    assert [c.laddr.port for c in inet_listeners(t.proc.pid)] == [port]
