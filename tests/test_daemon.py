@@ -147,13 +147,10 @@ def test_absurd_and_malformed_specs(daemon, images):
 
     client = daemon.client()
     proc = client._process()
-    reply = proc.stub.Get(pb.GetRequest(encoder="vae", specs=b'[["i", "/x.png", 0, 99999, "center", false]]'))
-    assert reply.errors[0].error == "InvalidSpec" and "size" in reply.errors[0].message
-    import grpc
-
-    with pytest.raises(grpc.RpcError) as info:
-        proc.stub.Get(pb.GetRequest(encoder="vae", specs=b"{not json"))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reply = proc.stub.Get(pb.GetRequest(encoder="vae", specs=b'["i", "/x.png", 0, 99999, "center", false]\n'
+                                                           b'{not json\n["t", 1, 2]'))
+    assert [e.error for e in reply.errors] == ["InvalidSpec"] * 3
+    assert "size" in reply.errors[0].message and "not JSON" in reply.errors[1].message
     with pytest.raises(InvalidSpec, match="crop box"):
         client.get([ImageSpec(images[0], (64, 64), crop=(0, 0, 999, 999))], encoder="vae")
 

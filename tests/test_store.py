@@ -156,3 +156,13 @@ def test_sweep_removes_segments_of_dead_daemons_only(shm_dir):
     assert sorted(removed) == ["cached-bbbbbbbbbbbb-0000", "cached-bbbbbbbbbbbb.lock"]
     assert sorted(os.listdir(shm_dir)) == ["cached-aaaaaaaaaaaa-0000", "cached-aaaaaaaaaaaa.lock"]
     live.close()
+
+
+def test_handle_records_keep_keys_that_end_in_zero_bytes():
+    from cached_client.wire import HANDLE
+
+    records = np.zeros(1, dtype=HANDLE)
+    key = b"\x07" * 30 + b"\x00\x00"
+    records["key"][0] = key
+    [(got, *_)] = np.frombuffer(records.tobytes(), dtype=HANDLE).tolist()
+    assert got.ljust(32, b"\0") == key  # what the client does with every key it reads

@@ -8,7 +8,6 @@ pool and hands it to the encoder's batcher. Identical concurrent misses share on
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -34,6 +33,8 @@ from .sources import Sources
 from .tiers import Held, Tiers
 
 __all__ = ["Engine", "Held", "EncoderOptions", "Item", "tensor_bytes"]
+
+KEY_MEMO_ITEMS = 1_000_000
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +81,18 @@ class Engine:
         self.pool = ThreadPoolExecutor(decode_workers or min(8, (os.cpu_count() or 2)),
                                        thread_name_prefix="decode")
         self._inflight: dict[bytes, Future] = {}
+        # packed spec line -> its item and the source's (dev, inode, size, mtime): a repeated spec
+        # costs one stat instead of a realpath, a JSON parse and a key digest
+        self._keys: dict[tuple[str, bytes], tuple[Item, tuple[int, ...] | None]] = {}
         self._mu = threading.Lock()
         self.counters = {"hits": 0, "misses": 0, "computed": 0, "errors": 0}
 
     # requests
 
-    def get(self, encoder: str, specs_json: bytes, compute: bool, owner: Owner | None) -> list[Result]:
+    def get(self, encoder: str, specs: bytes, compute: bool, owner: Owner | None) -> list[Result]:
         """One result per item, in order: (entry, lease) or the item's error."""
         enc = self.encoder(encoder)
-        items = self.parse(specs_json, enc)
+        items = self.parse(specs, enc)
         results: list[Result | None] = [None] * len(items)
         misses: list[tuple[int, Item]] = []
         for i, item in enumerate(items):
@@ -117,10 +121,10 @@ class Engine:
         self._bump("errors", sum(isinstance(r, CacheError) for r in results))
         return results  # type: ignore[return-value]
 
-    def warm(self, encoder: str, specs_json: bytes, window: int = 256) -> Iterator[dict[str, Any]]:
+    def warm(self, encoder: str, specs: bytes, window: int = 256) -> Iterator[dict[str, Any]]:
         """Computes every item without leasing, yielding progress about every 0.25 s."""
         enc = self.encoder(encoder)
-        items = self.parse(specs_json, enc)
+        items = self.parse(specs, enc)
         progress: dict[str, Any] = {"done": 0, "total": len(items), "computed": 0, "cached": 0, "errors": []}
         outstanding: deque[tuple[int, Future]] = deque()
         last = time.monotonic()
@@ -167,18 +171,20 @@ class Engine:
             raise UnknownEncoder(f"no encoder named {name!r}; configured: {sorted(self.encoders)}")
         return enc
 
-    def parse(self, specs_json: bytes, enc: Encoder) -> list[Item | CacheError]:
-        try:
-            raw = json.loads(specs_json)
-        except ValueError as exc:
-            raise InvalidSpec(f"specs are not a JSON array: {exc}") from None
-        if not isinstance(raw, list):
-            raise InvalidSpec("specs must be a JSON array")
-        return [self._item(i, r, enc) for i, r in enumerate(raw)]
+    def parse(self, specs: bytes, enc: Encoder) -> list[Item | CacheError]:
+        """One Item (or the item's error) per line of a packed batch."""
+        if not specs:
+            return []
+        return [self._item(i, line, enc) for i, line in enumerate(specs.split(b"\n"))]
 
-    def _item(self, i: int, raw: object, enc: Encoder) -> Item | CacheError:
+    def _item(self, i: int, line: bytes, enc: Encoder) -> Item | CacheError:
+        remembered = self._keys.get((enc.name, line))
+        if remembered is not None:
+            item, stamp = remembered
+            if stamp is None or _stamp(item.spec) == stamp:  # the same file, unchanged: the same key
+                return item
         try:
-            spec = decode_spec(raw)
+            spec = decode_spec(line)
         except (ValueError, TypeError) as exc:
             return InvalidSpec(f"item {i}: {exc}")
         try:
@@ -186,13 +192,22 @@ class Engine:
                 if enc.input != "text":
                     raise InvalidSpec(f"item {i}: encoder {enc.name!r} takes images, not text")
                 digest = hashlib.blake2b(spec.text.encode(), digest_size=32).digest()
-                return Item(spec, entry_key(digest, spec, enc.fingerprint), "", None)
+                item = Item(spec, entry_key(digest, spec, enc.fingerprint), "", None)
+                self._remember(enc, line, item, None)
+                return item
             if enc.input != "image":
                 raise InvalidSpec(f"item {i}: encoder {enc.name!r} takes text, not images")
-            real, digest, data = self.sources.digest(spec.path)
-            return Item(spec, entry_key(digest, spec, enc.fingerprint), real, data)
+            real, digest, data, stamp = self.sources.digest(spec.path)
+            item = Item(spec, entry_key(digest, spec, enc.fingerprint), real, data)
+            self._remember(enc, line, Item(spec, item.key, real, None), stamp)
+            return item
         except CacheError as exc:
             return exc
+
+    def _remember(self, enc: Encoder, line: bytes, item: Item, stamp: tuple[int, ...] | None) -> None:
+        if len(self._keys) >= KEY_MEMO_ITEMS:
+            self._keys.clear()  # crude but bounded; refilling costs one realpath + hash lookup per spec
+        self._keys[(enc.name, line)] = (item, stamp)
 
     def find(self, key: bytes, owner: Owner | None) -> Held | None:
         """From shared memory, else promoted from disk; leased to `owner` when given."""
@@ -289,6 +304,14 @@ class Engine:
             b.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.tiers.close()
+
+
+def _stamp(spec: Spec) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(spec.path)  # type: ignore[union-attr]
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _outcome(fut: Future) -> Held | CacheError:

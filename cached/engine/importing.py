@@ -77,7 +77,7 @@ def _store(engine: Engine, enc: Any, item: ImportItem) -> tuple[str, str] | None
                             f"encoder {enc.name!r} makes {channels} (another VAE?)")
     spec = item.spec()
     try:
-        _, digest, _ = engine.sources.digest(spec.path)
+        _, digest, _, _ = engine.sources.digest(spec.path)
     except CacheError as exc:
         return (type(exc).__name__, f"{item.cache_file}: {type(exc).__name__}: {exc}")
     key = entry_key(digest, spec, enc.fingerprint)

@@ -32,10 +32,10 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self._thread.start()
 
-    def submit(self, encoder: str, specs_json: bytes) -> tuple[int, int]:
+    def submit(self, encoder: str, specs: bytes) -> tuple[int, int]:
         """(queued, dropped). Bad items are skipped: a hint never fails for one bad spec."""
         enc = self.engine.encoder(encoder)
-        items = [it for it in self.engine.parse(specs_json, enc) if not isinstance(it, CacheError)]
+        items = [it for it in self.engine.parse(specs, enc) if not isinstance(it, CacheError)]
         with self._cv:
             room = max(0, self.max_queued - len(self._queue))
             accepted = items[:room]

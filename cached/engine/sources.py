@@ -20,7 +20,7 @@ class Sources:
 
     def __init__(self, allowed_roots: list[str] | None = None) -> None:
         self.roots = [os.path.realpath(r) for r in (allowed_roots or [])]
-        self._memo: dict[str, tuple[int, int, int, bytes]] = {}
+        self._memo: dict[str, tuple[tuple[int, int, int, int], bytes]] = {}
         self._mu = threading.Lock()
 
     def resolve(self, path: str) -> str:
@@ -29,8 +29,9 @@ class Sources:
             raise SourceNotAllowed(f"{path}: resolves to {real}, outside allowed_roots {self.roots}")
         return real
 
-    def digest(self, path: str) -> tuple[str, bytes, bytes | None]:
-        """(real path, content digest, the bytes if they had to be read now, else None)."""
+    def digest(self, path: str) -> tuple[str, bytes, bytes | None, tuple[int, int, int, int]]:
+        """(real path, content digest, the bytes if they had to be read now else None, and the
+        file's (dev, inode, size, mtime_ns) stamp)."""
         real = self.resolve(path)
         try:
             st = os.stat(real)
@@ -38,15 +39,15 @@ class Sources:
             raise SourceError(f"{path}: no such file") from None
         except OSError as exc:
             raise SourceError(f"{path}: {exc.strerror}") from None
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         hit = self._memo.get(real)
-        if hit is not None and hit[:3] == stamp:
-            return real, hit[3], None
+        if hit is not None and hit[0] == stamp:
+            return real, hit[1], None, stamp
         data = self.read(real, path)
         digest = hashlib.blake2b(data, digest_size=32).digest()
         with self._mu:
-            self._memo[real] = (*stamp, digest)
-        return real, digest, data
+            self._memo[real] = (stamp, digest)
+        return real, digest, data, stamp
 
     @staticmethod
     def read(real: str, path: str) -> bytes:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cached_client.errors import CapacityError
-from cached_client.wire import Layout
+from cached_client.wire import Layout, encode_layout
 
 from .alloc import PAGE, round_up
 from .arena import Arena, check_shm_capacity
@@ -51,14 +51,18 @@ class _Layouts:
     """Interns tensor tables so a reply names a small id instead of repeating the table."""
 
     ids: dict[Layout, int] = field(default_factory=dict)
-    by_id: dict[int, Layout] = field(default_factory=dict)
+    texts: dict[int, str] = field(default_factory=dict)
 
     def intern(self, layout: Layout) -> int:
         lid = self.ids.get(layout)
         if lid is None:
             lid = self.ids[layout] = len(self.ids) + 1
-            self.by_id[lid] = layout
+            self.texts[lid] = encode_layout(layout)
         return lid
+
+    def text(self, lid: int) -> str:
+        """The layout's JSON, as clients decode it."""
+        return self.texts[lid]
 
 
 class ShmStore:

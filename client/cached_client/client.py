@@ -76,16 +76,17 @@ class _Process:
     handles: dict[tuple[str, Spec], Lease] = field(default_factory=dict)
     idle: dict[int, tuple[str, Spec]] = field(default_factory=dict)  # lease id -> handle-cache key
     idle_since: float = 0.0
-    dead: deque = field(default_factory=deque)  # (lease, epoch) appended by view finalizers
+    dead: deque = field(default_factory=deque)  # weak references whose views died (views._Watch)
     hints: deque = field(default_factory=deque)  # prefetch calls in flight
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reap(self) -> None:
         """Makes leases whose views died idle, dropping their pages from this process."""
         while self.dead:
-            lease, epoch = self.dead.popleft()
-            if lease.epoch != epoch or lease.alive():
-                continue  # revived since
+            watch = self.dead.popleft()
+            lease = watch.lease
+            if lease.base is not watch:
+                continue  # revived since, with new views
             lease.segment.drop_pages(lease.offset, lease.length)
             current = self.handles.get(lease.hkey)
             if current is lease:  # else it belonged to a restarted daemon
@@ -197,7 +198,7 @@ class CacheClient:
         request = pb.GetRequest(encoder=encoder, specs=encode_specs(specs), compute=compute,
                                 owner=proc.owner, release=pack_leases(release))
         reply = self._call(proc, "Get", request)
-        records = np.frombuffer(reply.handles, dtype=HANDLE)
+        records = np.frombuffer(reply.handles, dtype=HANDLE).tolist()  # tuples: fast to unpack
         failed = {e.index: e for e in reply.errors}
         with proc.lock:
             if reply.instance != proc.instance:
@@ -210,10 +211,10 @@ class CacheClient:
             for j, spec in enumerate(specs):
                 if j in failed:
                     continue
-                rec = records[j]
-                lease = Lease((encoder, spec), bytes(rec["key"]), int(rec["lease"]),
-                              proc.segments[reply.segments[int(rec["segment"])]],
-                              int(rec["offset"]), int(rec["length"]), proc.layouts[int(rec["layout"])])
+                key, lease_id, _, offset, length, segment, layout = records[j]
+                key = key.ljust(32, b"\0")  # numpy's S32 drops trailing zero bytes
+                lease = Lease((encoder, spec), key, lease_id, proc.segments[reply.segments[segment]],
+                              offset, length, proc.layouts[layout])
                 proc.handles[lease.hkey] = lease
                 if failed:  # this call raises: nobody will see these views, so the lease is idle now
                     proc.make_idle(lease)

@@ -1,7 +1,8 @@
 """What a client asks for: an image with its transform, or a text.
 
-Specs are plain, hashable, picklable values. Each knows its compact wire form (one JSON array per
-item); a batch travels as one JSON array of those, packed into a single bytes field.
+Specs are plain, hashable, picklable values. Each knows its compact wire form, one line of JSON made
+once at construction; a batch travels as those lines joined by newlines in a single bytes field, so
+packing 256 specs is one join, and the daemon can remember each line's key.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class ImageSpec:
     size: tuple[int, int]
     crop: str | tuple[int, int, int, int] = "center"
     flip: bool = False
-    _wire: list = field(init=False, repr=False, compare=False, hash=False)
+    _wire: bytes = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         path = os.path.abspath(os.fspath(self.path))
@@ -65,10 +66,10 @@ class ImageSpec:
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "crop", crop)
         wire_crop = list(crop) if isinstance(crop, tuple) else crop
-        object.__setattr__(self, "_wire", ["i", path, size[0], size[1], wire_crop, self.flip])
+        object.__setattr__(self, "_wire", _line(["i", path, size[0], size[1], wire_crop, self.flip]))
 
     def wire_json(self) -> str:
-        return json.dumps(self._wire, separators=(",", ":"))
+        return self._wire.decode()
 
 
 @dataclass(frozen=True)
@@ -76,31 +77,39 @@ class TextSpec:
     """A text prompt for a text encoder."""
 
     text: str
-    _wire: list = field(init=False, repr=False, compare=False, hash=False)
+    _wire: bytes = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
             raise ValueError(f"text must be a str, got {type(self.text).__name__}")
-        object.__setattr__(self, "_wire", ["t", self.text])
+        object.__setattr__(self, "_wire", _line(["t", self.text]))
 
     def wire_json(self) -> str:
-        return json.dumps(self._wire, separators=(",", ":"))
+        return self._wire.decode()
 
 
 Spec = ImageSpec | TextSpec
 
 
+def _line(item: list) -> bytes:
+    return json.dumps(item, separators=(",", ":")).encode()  # escapes newlines: one line per spec
+
+
 def encode_specs(specs: list[Spec]) -> bytes:
-    """The packed wire form of a batch: one JSON array, one small array per item."""
+    """The packed wire form of a batch: one JSON line per item."""
     try:
-        return json.dumps([s._wire for s in specs], separators=(",", ":")).encode()
+        return b"\n".join([s._wire for s in specs])
     except AttributeError:
         bad = next(s for s in specs if not isinstance(s, (ImageSpec, TextSpec)))
         raise TypeError(f"specs must be ImageSpec or TextSpec, got {type(bad).__name__}") from None
 
 
-def decode_spec(item: object) -> Spec:
-    """One item of a packed batch back into a spec; ValueError names what is wrong."""
+def decode_spec(line: bytes) -> Spec:
+    """One line of a packed batch back into a spec; ValueError names what is wrong."""
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
     if isinstance(item, list) and item and item[0] == "i" and len(item) == 6:
         _, path, w, h, crop, flip = item
         if not isinstance(path, str) or not path:

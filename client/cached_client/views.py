@@ -67,8 +67,7 @@ class Lease:
     offset: int
     length: int
     layout: Layout
-    base: Any = None  # weakref to the numpy array under the live views, or None
-    epoch: int = 0    # bumped each time views are made, so a stale finalizer is recognised
+    base: _Watch | None = None  # weak reference to the numpy array under the live views
 
     def alive(self) -> bool:
         return self.base is not None and self.base() is not None
@@ -78,12 +77,23 @@ class Lease:
         base = self.base() if self.base is not None else None
         if base is None:
             base = np.frombuffer(self.segment.map, dtype=np.uint8, count=self.length, offset=self.offset)
-            self.epoch += 1
-            self.base = weakref.ref(base)
-            # runs in whichever thread drops the last view, possibly inside the GC: only an append
-            weakref.finalize(base, dead.append, (self, self.epoch))
+            self.base = _Watch(base, dead.append, self)
         return {name: _tensor(base, dtype, shape, off, nbytes, want_torch)
                 for name, dtype, shape, off, nbytes in self.layout}
+
+
+class _Watch(weakref.ref):
+    """A weak reference that knows its lease. When the array it watches dies, the callback (run in
+    whichever thread dropped the last view, possibly inside the GC) only appends it to a deque."""
+
+    __slots__ = ("lease",)
+
+    def __new__(cls, ob: Any, callback: Any, lease: Lease) -> _Watch:
+        return super().__new__(cls, ob, callback)
+
+    def __init__(self, ob: Any, callback: Any, lease: Lease) -> None:
+        super().__init__(ob, callback)  # type: ignore[call-arg]  # typeshed omits ref.__init__
+        self.lease = lease
 
 
 def _tensor(base: np.ndarray, dtype: str, shape: tuple[int, ...], off: int, nbytes: int,

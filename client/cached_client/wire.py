@@ -13,7 +13,7 @@ import numpy as np
 __all__ = ["HANDLE", "pack_leases", "unpack_leases", "encode_layout", "decode_layout", "Layout"]
 
 HANDLE = np.dtype([
-    ("key", "S32"),       # raw blake2b-256 digest
+    ("key", "S32"),       # raw blake2b-256 digest (numpy drops its trailing zero bytes on read: pad)
     ("lease", "<u8"),     # 0: no lease (failed item, or a warm that holds nothing)
     ("generation", "<u8"),
     ("offset", "<u8"),
