@@ -4,25 +4,35 @@
     .venv/bin/python bench/run.py --quick    # a smoke run in a minute; results in a temp dir
 
 Builds the latents once (a daemon plus the same bytes as files and an arena), then runs the
-DataLoader, lookup and memory benchmarks over them, then the benchmarks other parts of the project
-own (compression, disk restart, weights loading) as subprocesses when they exist. The results
-include README-table.md: the machine, the command and every table, ready to paste into the README.
+DataLoader, lookup and memory benchmarks over them, then every other script in bench/ (compression,
+disk restart, weights loading, encoding: owned by other parts of the project) as a subprocess. The
+results include README-table.md: the machine, the command and every table, ready to paste into the
+README.
 
-Imports stay inside main(): spawned DataLoader workers re-import this module.
+Heavy imports stay inside main(): spawned DataLoader workers re-import this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
 
+import common  # light (no torch at import); bench/ is on sys.path as the script's directory
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEERS = ("compression.py", "disk_restart.py", "weights_load.py")  # owned elsewhere; optional
+OWN = {"common.py", "corpus.py", "methods.py", "dataloader.py", "lookup.py", "memory.py", "run.py"}
+
+
+def _peers() -> list[str]:
+    """The other benchmark scripts in bench/ (compression, disk restart, weights loading, encoding,
+    ...), owned by other parts of the project: whichever exist."""
+    return sorted(f for f in os.listdir(HERE) if f.endswith(".py") and f not in OWN)
 
 
 def _settings(quick: bool) -> dict[str, int]:
@@ -31,30 +41,49 @@ def _settings(quick: bool) -> dict[str, int]:
     return {"n": 1024, "rounds": 7, "epochs": 2, "mem_epochs": 3, "lookup_batch": 256, "lookup_reps": 200}
 
 
-def _peer(script: str, quick: bool, results: str) -> str | None:
-    """The markdown table a peer benchmark wrote (results/<name>.md), else what it printed; None
-    when the script is absent, or under --quick when it has no quick mode (a full run of it would
-    overwrite its committed results)."""
+def _peer(script: str, quick: bool, out: str, limit_s: int) -> str | None:
+    """Runs a peer benchmark; returns the markdown it wrote (<out or results>/<name>.md), else what
+    it printed. Its options are read off its source: --quick and --out are passed when it has them,
+    and under --quick a script without a quick mode is skipped (a full run would overwrite its
+    committed results)."""
     path = os.path.join(HERE, script)
-    if not os.path.exists(path):
-        return None
     with open(path) as f:
-        has_quick = "--quick" in f.read()
-    if quick and not has_quick:
+        source = f.read()
+    if quick and "--quick" not in source:
         print(f"== {script}: skipped (no --quick mode)", flush=True)
         return None
-    print(f"== {script}", flush=True)
+    args = (["--quick"] if quick else []) + (["--out", out] if "--out" in source else [])
+    print(f"== {script} {' '.join(args)}", flush=True)
     started = time.time()
-    proc = subprocess.run([sys.executable, path] + (["--quick"] if quick else []), stdout=subprocess.PIPE,
-                          text=True, timeout=1200)
-    print(proc.stdout, flush=True)
+    # its own process group, so a hung run is stopped with everything it started (daemons included)
+    proc = subprocess.Popen([sys.executable, path, *args], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        print(f"   stopped after {limit_s} s", flush=True)
+        return f"_bench/{script} ran past {limit_s} s and was stopped._"
+    finally:
+        _kill_group(proc)
+    print(stdout, flush=True)
     if proc.returncode:
         return f"_bench/{script} failed with exit code {proc.returncode}._"
+    results = out if "--out" in source else common.RESULTS
     md = os.path.join(results, script.removesuffix(".py") + ".md")
     if os.path.exists(md) and os.path.getmtime(md) >= started:
         with open(md) as f:
             return f.read().strip()
-    return proc.stdout.strip()
+    return stdout.strip()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stops whatever of the peer's process group is still running: itself on a timeout or an
+    interrupt, a daemon it left behind otherwise."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="results directory (default: bench/results, or a temp dir with --quick)")
     ap.add_argument("--skip-peers", action="store_true", help="don't run the other benchmark scripts")
     args = ap.parse_args(argv)
-    sys.path.insert(0, HERE)
     warnings.filterwarnings("ignore", message=".*worker processes in total.*")  # 4 workers on 2 cores, on purpose
 
-    import common
     import dataloader
     import lookup
     import memory
@@ -98,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         memory.plot(trials, c.sizes[size], os.path.join(out, "memory.png"))
         common.write_result(out, "memory.md", mem_md)
         print(mem_md, flush=True)
-    peers = [] if args.skip_peers else [md for p in PEERS if (md := _peer(p, args.quick, common.RESULTS))]
+    peers = [] if args.skip_peers else [md for p in _peers() if (md := _peer(p, args.quick, out, 180 if args.quick else 600))]
     minutes = (time.perf_counter() - t0) / 60
     host["load average (1 min) at end"] = f"{os.getloadavg()[0]:.1f}"
     header = "\n".join([
