@@ -77,7 +77,11 @@ def _trial(tmp: str, address: str, lat: Latents, method: str, k: int, workers: i
         with MemorySampler() as mem:
             procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "trainer", config],
                                       stdout=subprocess.PIPE, text=True) for _ in range(k)]
-            outs = [p.communicate()[0] for p in procs]
+            while any(p.poll() is None for p in procs):
+                if any(p.returncode for p in procs):  # the others would wait for it at the barrier
+                    raise RuntimeError(f"a {method} trainer failed: exit codes {[p.poll() for p in procs]}")
+                time.sleep(0.05)
+            outs = [p.communicate()[0] for p in procs]  # one JSON line each: never fills the pipe
         if any(p.returncode for p in procs):
             raise RuntimeError(f"a {method} trainer failed: exit codes {[p.returncode for p in procs]}")
     finally:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from cached_client import CacheClient, ImageSpec
 from cached_client.views import Segment
 
-__all__ = ["Latents", "CachedLatents", "ArenaViews", "SafetensorsFiles", "NpzFiles", "InRam", "NoData",
+__all__ = ["Latents", "CachedLatents", "ArenaViews", "PerItemFiles", "read_safetensors", "read_npz", "InRam", "NoData",
            "METHODS", "make_loader"]
 
 
@@ -85,31 +85,28 @@ class ArenaViews(Dataset):
         return torch.from_numpy(arr.reshape(self.shape))
 
 
-class SafetensorsFiles(Dataset):
-    """ai-toolkit's cache_latents_to_disk: one safetensors file per item, load_file per item."""
-
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = list(paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return load_file(self.paths[i])["latent"]
+def read_safetensors(path: str) -> torch.Tensor:
+    """ai-toolkit's cache_latents_to_disk: load_file of the item's own file."""
+    return load_file(path)["latent"]
 
 
-class NpzFiles(Dataset):
-    """kohya sd-scripts: one fp32 npz per item beside the image, np.load per item."""
+def read_npz(path: str) -> torch.Tensor:
+    """kohya sd-scripts: np.load of the fp32 npz beside the image."""
+    with np.load(path) as z:
+        return torch.from_numpy(z["latents"])
 
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = list(paths)
+
+class PerItemFiles(Dataset):
+    """One file per item, read when the item is asked for."""
+
+    def __init__(self, paths: Sequence[str], read: Callable[[str], torch.Tensor]) -> None:
+        self.paths, self.read = list(paths), read
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with np.load(self.paths[i]) as z:
-            return torch.from_numpy(z["latents"])
+        return self.read(self.paths[i])
 
 
 class InRam(Dataset):
@@ -155,8 +152,8 @@ class NoData(Dataset):
 METHODS: dict[str, tuple[Callable[[str, Latents], Dataset], str]] = {
     "cached": (lambda addr, lat: CachedLatents(CacheClient(addr), lat.specs, lat.encoder), "fork"),
     "shm ceiling": (lambda addr, lat: ArenaViews(lat.arena, len(lat), lat.shape), "fork"),
-    "safetensors/item": (lambda addr, lat: SafetensorsFiles(lat.safetensors), "fork"),
-    "npz/item": (lambda addr, lat: NpzFiles(lat.npz), "fork"),
+    "safetensors/item": (lambda addr, lat: PerItemFiles(lat.safetensors, read_safetensors), "fork"),
+    "npz/item": (lambda addr, lat: PerItemFiles(lat.npz, read_npz), "fork"),
     "in-RAM fork": (lambda addr, lat: InRam.load(lat), "fork"),
     "in-RAM spawn": (lambda addr, lat: InRam.load(lat), "spawn"),
 }
