@@ -73,8 +73,16 @@ def _peer(script: str, quick: bool, out: str, limit_s: int) -> str | None:
     if os.path.exists(md) and os.path.getmtime(md) >= started:
         with open(md) as f:
             stdout = f.read()
-    # its headings two levels down, under this block's "### Benchmarks"
-    return "\n".join("##" + line if line.startswith("#") else line for line in stdout.strip().splitlines())
+    return _nest_headings(stdout.strip())
+
+
+def _nest_headings(md: str) -> str:
+    """Markdown headings two levels down, to sit under README-table.md's "### Benchmarks"."""
+    lines, fenced = [], False
+    for line in md.splitlines():
+        fenced ^= line.startswith("```")
+        lines.append("##" + line if line.startswith("#") and not fenced else line)
+    return "\n".join(lines)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
