@@ -153,8 +153,9 @@ def test_sweep_removes_segments_of_dead_daemons_only(shm_dir):
     subprocess.run([sys.executable, "-c", code, shm_dir], check=True)
     assert any("bbbbbbbbbbbb" in n for n in os.listdir(shm_dir))
     removed = sweep_stale(shm_dir)
-    assert sorted(removed) == ["cached-bbbbbbbbbbbb-0000", "cached-bbbbbbbbbbbb.lock"]
-    assert sorted(os.listdir(shm_dir)) == ["cached-aaaaaaaaaaaa-0000", "cached-aaaaaaaaaaaa.lock"]
+    assert sorted(removed) == ["cached-bbbbbbbbbbbb-0000", "cached-bbbbbbbbbbbb-ctl", "cached-bbbbbbbbbbbb.lock"]
+    assert sorted(os.listdir(shm_dir)) == ["cached-aaaaaaaaaaaa-0000", "cached-aaaaaaaaaaaa-ctl",
+                                           "cached-aaaaaaaaaaaa.lock"]
     live.close()
 
 

@@ -44,7 +44,7 @@ def get_response(instance: str, store: ShmStore, results: list[Held | CacheError
     segments = {s: paths[s] for s in {e.segment for _, (e, _) in held}}
     layouts = {lid: store.layouts.text(lid) for lid in {e.layout_id for _, (e, _) in held}}
     return pb.GetResponse(instance=instance, handles=records.tobytes(), errors=item_errors(errors),
-                          segments=segments, layouts=layouts)
+                          segments=segments, layouts=layouts, control=store.control_path)
 
 
 def warm_progress(p: dict[str, Any]) -> pb.WarmProgress:

@@ -1,7 +1,7 @@
 """Every shared-memory name cached uses comes from here, so the sweeper can find leftovers.
 
-An instance (one daemon run) owns `cached-<iid>.lock`, which it holds flocked for its lifetime, and
-its segments `cached-<iid>-<seq>`. Instance ids are random, so a name is never reused. A segment
+An instance (one daemon run) owns `cached-<iid>.lock`, which it holds flocked for its lifetime, its
+segments `cached-<iid>-<seq>` and its control page `cached-<iid>-ctl`. Instance ids are random, so a name is never reused. A segment
 whose instance's lock can be taken (or is gone) belongs to a dead daemon and is swept.
 """
 
@@ -13,12 +13,12 @@ import os
 import re
 import secrets
 
-__all__ = ["new_instance_id", "segment_name", "lock_name", "hold_instance_lock", "sweep_stale"]
+__all__ = ["new_instance_id", "segment_name", "control_name", "lock_name", "hold_instance_lock", "sweep_stale"]
 
 log = logging.getLogger(__name__)
 
 PREFIX = "cached-"
-_SEGMENT = re.compile(r"^cached-([0-9a-f]{12})-([0-9]{4,})$")
+_SEGMENT = re.compile(r"^cached-([0-9a-f]{12})-([0-9]{4,}|ctl)$")
 _LOCK = re.compile(r"^cached-([0-9a-f]{12})\.lock$")
 
 
@@ -28,6 +28,11 @@ def new_instance_id() -> str:
 
 def segment_name(instance: str, seq: int) -> str:
     return f"{PREFIX}{instance}-{seq:04d}"
+
+
+def control_name(instance: str) -> str:
+    """The instance's one-page control segment (see store/shm.py)."""
+    return f"{PREFIX}{instance}-ctl"
 
 
 def lock_name(instance: str) -> str:

@@ -4,13 +4,24 @@ An entry is written once into a slot and sealed; it is never modified. A client 
 of an entry holds a lease on it, and an entry with leases is never reclaimed: eviction takes the least
 recently used entry that nobody holds. Evicting a held entry only drops it from the index; its slot
 is freed when its last lease goes.
+
+Clients keep the leases of entries they viewed and dropped (idle leases), so that reading the same
+entry again costs no RPC. The control page tells them when to give those back: it holds a pressure
+counter the store bumps when leased bytes pass half the capacity, when an allocation fails because
+everything is held, and when an evicted entry is still held. Clients read it (a memory load) on
+every get and release their idle leases when it changes.
+
+    control page: b"CACHEDC" + version byte (1), then the pressure counter, little-endian u64
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,7 +31,7 @@ from cached_client.wire import Layout, encode_layout
 
 from .alloc import PAGE, round_up
 from .arena import Arena, check_shm_capacity
-from .names import hold_instance_lock, lock_name, segment_name, sweep_stale
+from .names import control_name, hold_instance_lock, lock_name, segment_name, sweep_stale
 from .slot import TensorBytes, plan_slot, write_slot
 
 __all__ = ["ShmStore", "Entry", "Owner"]
@@ -28,6 +39,8 @@ __all__ = ["ShmStore", "Entry", "Owner"]
 log = logging.getLogger(__name__)
 
 MAX_ARENA = 1 << 30
+RELEASE_WAIT_S = 1.0  # how long an allocation waits for clients to give back idle leases
+CONTROL_MAGIC = b"CACHEDC\x01"
 
 # (pid, process start time, client id, pid namespace inode)
 Owner = tuple[int, float, str, int]
@@ -87,8 +100,13 @@ class ShmStore:
             self.close()
             raise
         self.capacity = sum(a.size for a in self.arenas)
+        self.control_path, self._control = self._make_control(group)
+        self.pressure = 0
+        self.leased_bytes = 0
+        self._over_half = False
         self.layouts = _Layouts()
         self._mu = threading.RLock()
+        self._released = threading.Condition(self._mu)  # notified when leases go
         self._index: dict[bytes, Entry] = {}
         self._lru: OrderedDict[bytes, Entry] = OrderedDict()  # indexed entries nobody holds
         self._leases: dict[int, tuple[Owner, Entry]] = {}
@@ -98,6 +116,25 @@ class ShmStore:
         self.evictions = 0
         self.bytes_used = 0
         log.info("shared memory: %d arena(s), %d bytes in %s", len(self.arenas), self.capacity, shm_dir)
+
+    def _make_control(self, group: int | None) -> tuple[str, mmap.mmap]:
+        path = os.path.join(self.shm_dir, control_name(self.instance))
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o640)
+        try:
+            os.fchmod(fd, 0o640)
+            if group is not None:
+                os.fchown(fd, -1, group)
+            os.ftruncate(fd, PAGE)
+            page = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        page[:8] = CONTROL_MAGIC
+        return path, page
+
+    def _bump_pressure(self, why: str) -> None:
+        self.pressure += 1
+        struct.pack_into("<Q", self._control, 8, self.pressure)
+        log.debug("asking clients to release idle leases (%s)", why)
 
     # lookups and writes
 
@@ -133,11 +170,17 @@ class ShmStore:
         if round_up(length) > max(a.size for a in self.arenas):
             raise CapacityError(f"entry {key.hex()[:16]} needs {length} bytes, more than an arena "
                                 f"holds ({self.arenas[0].size}); raise shm_bytes")
+        deadline = time.monotonic() + RELEASE_WAIT_S
         while True:
             for i, arena in enumerate(self.arenas):
                 off = arena.alloc.alloc(length)
                 if off is not None:
                     return i, off
+            if not self._lru and time.monotonic() < deadline:
+                # everything is held: ask clients for their idle leases, and give them a moment
+                self._bump_pressure("allocation failed")
+                self._released.wait(deadline - time.monotonic())
+                continue
             if not self._lru:
                 raise CapacityError(
                     f"shared memory is full: {self.bytes_used} of {self.capacity} bytes are held by "
@@ -170,6 +213,10 @@ class ShmStore:
             entry.leases += 1
             if entry.leases == 1:
                 self._lru.pop(entry.key, None)
+                self.leased_bytes += entry.length
+                if not self._over_half and self.leased_bytes > self.capacity // 2:
+                    self._over_half = True  # bump once per crossing, not once per lease
+                    self._bump_pressure("leases hold half the capacity")
             return lid
 
     def release(self, owner: Owner, lease_ids: Iterable[int]) -> int:
@@ -193,6 +240,9 @@ class ShmStore:
         entry.leases -= 1
         if entry.leases:
             return
+        self.leased_bytes -= entry.length
+        self._over_half = self._over_half and self.leased_bytes > self.capacity // 2
+        self._released.notify_all()
         if entry.indexed:
             self._lru[entry.key] = entry
         else:
@@ -225,6 +275,8 @@ class ShmStore:
                     freed += entry.length
                 self._drop(entry)
             self.evictions += len(victims)
+            if pending:
+                self._bump_pressure("evicted entries are still held")
             return len(victims), freed, pending
 
     def list_entries(self) -> list[Entry]:
@@ -247,6 +299,10 @@ class ShmStore:
         for arena in self.arenas:
             arena.close()
         self.arenas = []
+        control = getattr(self, "_control", None)
+        if control is not None and not control.closed:
+            control.close()
+            os.unlink(self.control_path)
         fd = getattr(self, "_lock_fd", None)
         if fd is not None:
             try:

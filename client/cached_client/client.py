@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,15 +22,14 @@ from ._proto import cache_pb2 as pb
 from ._proto import cache_pb2_grpc
 from .address import resolve_address
 from .errors import CacheError, DaemonUnavailable, error_for
+from .handles import ProcessState, source_stamp
 from .specs import Spec, encode_specs
 from .views import HAVE_TORCH, Entry, Lease, Segment
-from .wire import HANDLE, Layout, decode_layout, pack_leases
+from .wire import HANDLE, decode_layout, pack_leases
 
 __all__ = ["CacheClient", "WarmResult"]
 
 ERROR_METADATA = "cached-error"
-RELEASE_BATCH = 1024     # idle leases that trigger a Release call of their own
-RELEASE_AFTER_S = 2.0    # ... or the age of the oldest one that does
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.max_receive_message_length", 256 << 20),
@@ -63,63 +60,6 @@ def _owner() -> pb.Owner:
                     client_id=secrets.token_hex(8), pid_ns=ns)
 
 
-@dataclass(eq=False)
-class _Process:
-    """Everything a client holds in one process."""
-
-    channel: grpc.Channel
-    stub: cache_pb2_grpc.CacheStub
-    owner: pb.Owner
-    instance: str = ""
-    segments: dict[str, Segment] = field(default_factory=dict)
-    layouts: dict[int, Layout] = field(default_factory=dict)
-    handles: dict[tuple[str, Spec], Lease] = field(default_factory=dict)
-    idle: dict[int, tuple[str, Spec]] = field(default_factory=dict)  # lease id -> handle-cache key
-    idle_since: float = 0.0
-    dead: deque = field(default_factory=deque)  # weak references whose views died (views._Watch)
-    hints: deque = field(default_factory=deque)  # prefetch calls in flight
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def reap(self) -> None:
-        """Makes leases whose views died idle, dropping their pages from this process."""
-        while self.dead:
-            watch = self.dead.popleft()
-            lease = watch.lease
-            if lease.base is not watch:
-                continue  # revived since, with new views
-            lease.segment.drop_pages(lease.offset, lease.length)
-            current = self.handles.get(lease.hkey)
-            if current is lease:  # else it belonged to a restarted daemon
-                self.make_idle(current)
-
-    def make_idle(self, lease: Lease) -> None:
-        if not self.idle:
-            self.idle_since = time.monotonic()
-        self.idle[lease.lease_id] = lease.hkey
-
-    def take_idle(self) -> list[int]:
-        """Idle lease ids to give back now; their handles leave the cache."""
-        ids = list(self.idle)
-        for lid in ids:
-            self.handles.pop(self.idle[lid], None)
-        self.idle.clear()
-        return ids
-
-    def release_due(self) -> bool:
-        return len(self.idle) >= RELEASE_BATCH or bool(
-            self.idle and time.monotonic() - self.idle_since > RELEASE_AFTER_S)
-
-    def new_instance(self, instance: str) -> None:
-        """The daemon restarted: its leases, layouts and segments are gone. Views already handed out
-        stay valid (their mappings live as long as they do)."""
-        self.instance = instance
-        self.segments.clear()
-        self.layouts.clear()
-        self.handles.clear()
-        self.idle.clear()
-        self.dead.clear()
-
-
 class CacheClient:
     """Reads cache entries from the local cached daemon as zero-copy tensor views.
 
@@ -142,7 +82,7 @@ class CacheClient:
         self.connect_timeout = connect_timeout
         self.tensors = tensors
         self._pid = -1
-        self._proc: _Process | None = None
+        self._proc: ProcessState | None = None
 
     # pickling and fork: only the configuration travels
 
@@ -160,12 +100,13 @@ class CacheClient:
     def target(self) -> str:
         return resolve_address(self.address)
 
-    def _process(self) -> _Process:
+    def _process(self) -> ProcessState:
         proc = self._proc
         if proc is None or self._pid != os.getpid():
             channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
-            proc = _Process(channel, cache_pb2_grpc.CacheStub(channel), _owner())
+            proc = ProcessState(channel, cache_pb2_grpc.CacheStub(channel), _owner())
             self._proc, self._pid = proc, os.getpid()
+            proc.start_watcher(lambda ids: self._release(proc, ids))
         return proc
 
     # the public surface
@@ -180,29 +121,31 @@ class CacheClient:
         with proc.lock:
             proc.reap()
             for i, spec in enumerate(specs):
-                lease = proc.handles.get((encoder, spec))
+                lease = proc.lookup((encoder, spec))
                 if lease is None:
                     wanted.append(i)
-                    continue
-                proc.idle.pop(lease.lease_id, None)
-                out[i] = Entry(lease.key.hex(), spec, lease.views(proc.dead, want_torch))
-            release = proc.take_idle() if (wanted or proc.release_due()) else []
+                else:
+                    out[i] = Entry(lease.key.hex(), spec, lease.views(proc.dead, want_torch))
+            release = proc.take_due()
         if wanted:
             self._fetch(proc, encoder, [specs[i] for i in wanted], wanted, compute, release, out, want_torch)
         elif release:
-            self._call(proc, "Release", pb.ReleaseRequest(owner=proc.owner, leases=pack_leases(release)))
+            self._release(proc, release)
         return out  # type: ignore[return-value]
 
-    def _fetch(self, proc: _Process, encoder: str, specs: list[Spec], where: list[int], compute: bool,
+    def _release(self, proc: ProcessState, ids: list[int]) -> None:
+        self._call(proc, "Release", pb.ReleaseRequest(owner=proc.owner, leases=pack_leases(ids)))
+
+    def _fetch(self, proc: ProcessState, encoder: str, specs: list[Spec], where: list[int], compute: bool,
                release: list[int], out: list[Entry | None], want_torch: bool) -> None:
         request = pb.GetRequest(encoder=encoder, specs=encode_specs(specs), compute=compute,
                                 owner=proc.owner, release=pack_leases(release))
+        stamps = [source_stamp(s) for s in specs]  # before the call: a rewrite after it is caught later
         reply = self._call(proc, "Get", request)
         records = np.frombuffer(reply.handles, dtype=HANDLE).tolist()  # tuples: fast to unpack
         failed = {e.index: e for e in reply.errors}
         with proc.lock:
-            if reply.instance != proc.instance:
-                proc.new_instance(reply.instance)
+            proc.adopt(reply.instance, reply.control)
             for path in reply.segments.values():
                 if path not in proc.segments:
                     proc.segments[path] = Segment(path)
@@ -214,10 +157,10 @@ class CacheClient:
                 key, lease_id, _, offset, length, segment, layout = records[j]
                 key = key.ljust(32, b"\0")  # numpy's S32 drops trailing zero bytes
                 lease = Lease((encoder, spec), key, lease_id, proc.segments[reply.segments[segment]],
-                              offset, length, proc.layouts[layout])
+                              offset, length, proc.layouts[layout], stamps[j], reply.instance)
                 proc.handles[lease.hkey] = lease
                 if failed:  # this call raises: nobody will see these views, so the lease is idle now
-                    proc.make_idle(lease)
+                    proc.idle[lease.lease_id] = lease
                 else:
                     out[where[j]] = Entry(lease.key.hex(), spec, lease.views(proc.dead, want_torch))
         if failed:
@@ -335,7 +278,7 @@ class CacheClient:
             release = proc.take_idle()
         if release:
             try:
-                self._call(proc, "Release", pb.ReleaseRequest(owner=proc.owner, leases=pack_leases(release)))
+                self._release(proc, release)
             except CacheError:
                 pass  # the daemon expires them when this process is gone
         proc.channel.close()
@@ -343,7 +286,7 @@ class CacheClient:
 
     # transport
 
-    def _call(self, proc: _Process, method: str, request: Any) -> Any:
+    def _call(self, proc: ProcessState, method: str, request: Any) -> Any:
         """Calls with retries while the daemon is unreachable, for up to connect_timeout seconds."""
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.05

@@ -67,7 +67,9 @@ class Lease:
     offset: int
     length: int
     layout: Layout
-    base: _Watch | None = None  # weak reference to the numpy array under the live views
+    stamp: tuple[int, ...] | None = None  # the source file's stamp, taken before the request
+    instance: str = ""                    # the daemon instance that granted the lease
+    base: _Watch | None = None            # weak reference to the numpy array under the live views
 
     def alive(self) -> bool:
         return self.base is not None and self.base() is not None
