@@ -22,6 +22,7 @@ from ._proto import cache_pb2 as pb
 from ._proto import cache_pb2_grpc
 from .address import resolve_address
 from .errors import CacheError, DaemonUnavailable, error_for
+from . import forksafe
 from .handles import ProcessState, source_stamp
 from .specs import Spec, encode_specs
 from .views import HAVE_TORCH, Entry, Lease, Segment
@@ -197,7 +198,10 @@ class CacheClient:
         with proc.lock:
             while proc.hints and proc.hints[0].done():
                 proc.hints.popleft()
-            proc.hints.append(proc.stub.Prefetch.future(request, timeout=30))
+            forksafe.begin()  # ended when the call completes, however it ends
+            hint = proc.stub.Prefetch.future(request, timeout=30)
+            hint.add_done_callback(lambda _: forksafe.end())
+            proc.hints.append(hint)
 
     def evict(self, *, all: bool = False, encoder: str | None = None, source_prefix: str | None = None,
               keys: Iterable[str] = (), tier: str = "all") -> dict[str, int]:
@@ -262,7 +266,8 @@ class CacheClient:
         check = self._process().channel.unary_unary("/grpc.health.v1.Health/Check")
         service = b"cached.v1.Cache"
         try:
-            reply = check(b"\x0a" + bytes([len(service)]) + service, timeout=timeout)
+            with forksafe.call():
+                reply = check(b"\x0a" + bytes([len(service)]) + service, timeout=timeout)
         except grpc.RpcError as exc:
             raise _mapped(exc, self.target) from exc
         status = reply[1] if len(reply) >= 2 and reply[0] == 0x08 else 0  # field 1, varint
@@ -292,7 +297,8 @@ class CacheClient:
         delay = 0.05
         while True:
             try:
-                return getattr(proc.stub, method)(request, timeout=self.timeout)
+                with forksafe.call():
+                    return getattr(proc.stub, method)(request, timeout=self.timeout)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
                     raise _mapped(exc, self.target) from exc
