@@ -18,11 +18,11 @@ import grpc
 import numpy as np
 import psutil
 
+from . import forksafe
 from ._proto import cache_pb2 as pb
 from ._proto import cache_pb2_grpc
 from .address import resolve_address
 from .errors import CacheError, DaemonUnavailable, error_for
-from . import forksafe
 from .handles import ProcessState, source_stamp
 from .specs import Spec, encode_specs
 from .views import HAVE_TORCH, Entry, Lease, Segment
