@@ -161,7 +161,8 @@ METHODS: dict[str, tuple[Callable[[str, Latents], Dataset], str]] = {
 
 def make_loader(dataset: Dataset, workers: int, context: str, batch_size: int = 32,
                 seed: int = 0) -> DataLoader:
-    """A trainer's loader: shuffled, persistent workers, batches stacked by the default collate."""
+    """A trainer's loader: shuffled, persistent workers, batches stacked by the default collate.
+    A batch that takes over five minutes raises instead of hanging the suite (a stuck worker)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
                       multiprocessing_context=context, persistent_workers=True, prefetch_factor=2,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), timeout=300)

@@ -15,6 +15,7 @@ Heavy imports stay inside main(): spawned DataLoader workers re-import this modu
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import subprocess
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-peers", action="store_true", help="don't run the other benchmark scripts")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*worker processes in total.*")  # 4 workers on 2 cores, on purpose
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a stuck process (or worker) is
 
     import dataloader
     import lookup
