@@ -5,6 +5,10 @@ are alive its lease is busy; when they die the lease becomes idle but stays cach
 entry again costs no RPC, only a stat of the source to prove it unchanged. Idle leases go back to
 the daemon (piggybacked on the next call, or by the watcher thread) when the daemon's control page
 says memory is under pressure, or when more than MAX_IDLE pile up.
+
+An idle entry's pages stay mapped, so re-reading it does not fault them in again, up to
+IDLE_PAGES_BYTES per process; past that, the oldest idle entries' pages are dropped from this
+process (MADV_DONTNEED: the shared copy stays), so a worker's memory does not grow with what it read.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .wire import Layout
 __all__ = ["ProcessState", "Control", "source_stamp", "MAX_IDLE", "WATCH_INTERVAL_S"]
 
 MAX_IDLE = 65536          # idle leases one process keeps at most
+IDLE_PAGES_BYTES = 64 << 20  # idle entries' pages a process keeps mapped; older ones are dropped
 WATCH_INTERVAL_S = 0.5    # how often the watcher reads the control page
 
 
@@ -70,6 +75,8 @@ class ProcessState:
     idle: dict[int, Lease] = field(default_factory=dict)
     dead: deque = field(default_factory=deque)  # weak references whose views died (views._Watch)
     hints: deque = field(default_factory=deque)  # prefetch calls in flight
+    resident: dict[int, Lease] = field(default_factory=dict)  # idle, pages mapped, oldest first
+    resident_bytes: int = 0
     control: Control | None = None
     pressure_seen: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -93,15 +100,28 @@ class ProcessState:
             lease = watch.lease
             if lease.base is not watch:
                 continue  # revived since, with new views
-            lease.segment.drop_pages(lease.offset, lease.length)
-            if lease.instance == self.instance:  # else the daemon that granted it is gone
-                self.idle[lease.lease_id] = lease
+            if lease.instance != self.instance:  # the daemon that granted it is gone
+                lease.segment.drop_pages(lease.offset, lease.length)
+                continue
+            self.idle[lease.lease_id] = lease
+            if lease.lease_id not in self.resident:
+                self.resident[lease.lease_id] = lease
+                self.resident_bytes += lease.length
+        while self.resident_bytes > IDLE_PAGES_BYTES:
+            self._unmap(next(iter(self.resident.values())))
+
+    def _unmap(self, lease: Lease) -> None:
+        if self.resident.pop(lease.lease_id, None) is not None:
+            self.resident_bytes -= lease.length
+            if not lease.alive():
+                lease.segment.drop_pages(lease.offset, lease.length)
 
     def take_idle(self) -> list[int]:
         """Every idle lease id, to give back now; their handles leave the cache."""
         for lease in self.idle.values():
             if self.handles.get(lease.hkey) is lease:
                 del self.handles[lease.hkey]
+            self._unmap(lease)
         ids = list(self.idle)
         self.idle.clear()
         return ids
@@ -123,6 +143,8 @@ class ProcessState:
             self.layouts.clear()
             self.handles.clear()
             self.idle.clear()
+            self.resident.clear()
+            self.resident_bytes = 0
             self.control = None
         if control and self.control is None:
             self.control = Control(control)
