@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", message=".*suggested max number of worker.*")
 CONFIG = """\
 [store]
 shm_bytes = "256MiB"
+disk_dir = "{root}/disk"             # the persistent tier, removed with the demo's directory
 allowed_roots = ["{root}"]
 
 [encoders.vae]
