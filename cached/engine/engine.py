@@ -104,7 +104,7 @@ class Engine:
                 results[i] = held
             else:
                 misses.append((i, item))
-        promoted = list(self.pool.map(lambda m: self.tiers.promote(m[1].key, owner), misses)) if misses else []
+        promoted = self._promote(misses, owner)
         self._bump("hits", len(items) - len(misses) + sum(p is not None for p in promoted))
         self._bump("misses", sum(p is None for p in promoted))
         if not compute:
@@ -120,6 +120,12 @@ class Engine:
             results[i] = self._finish(enc, item, fut, owner)
         self._bump("errors", sum(isinstance(r, CacheError) for r in results))
         return results  # type: ignore[return-value]
+
+    def _promote(self, misses: list[tuple[int, Item]], owner: Owner | None) -> list[Held | None]:
+        """Shared-memory misses read from disk, in parallel (each read is verified by checksum)."""
+        if not misses or self.tiers.disk is None:
+            return [None] * len(misses)
+        return list(self.pool.map(lambda m: self.tiers.promote(m[1].key, owner), misses))
 
     def warm(self, encoder: str, specs: bytes, window: int = 256) -> Iterator[dict[str, Any]]:
         """Computes every item without leasing, yielding progress about every 0.25 s."""
