@@ -30,8 +30,8 @@ sys.path.insert(0, ROOT)
 from methods import Latents  # noqa: E402
 
 from cached.fixtures import build_tiny_vae, write_images  # noqa: E402
+from cached.harness import Daemon  # noqa: E402
 from cached_client import CacheClient, ImageSpec  # noqa: E402
-from tests.conftest import Daemon  # noqa: E402  (one daemon harness for tests and benchmarks)
 
 __all__ = ["Corpus", "corpus", "SIZES"]
 

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 from common import RESULTS, machine, table, write_result  # noqa: E402
 
 from cached.fixtures import build_tiny_vae, write_images  # noqa: E402
-from tests.conftest import Daemon  # noqa: E402
+from cached.harness import Daemon  # noqa: E402
 
 MAX_BATCH = 16
 
