@@ -20,7 +20,6 @@ __all__ = ["Config", "load_config"]
 
 log = logging.getLogger(__name__)
 
-_NOT_YET: set[str] = set()  # keys accepted but not implemented by this build
 COMPRESSIONS = ("none", "lz4")
 
 
@@ -99,9 +98,6 @@ def _apply(cfg: Config, section: str, table: dict[str, Any]) -> None:
             continue
         if not isinstance(value, known[key]) or isinstance(value, bool):
             raise ValueError(f"{section}.{key} has the wrong type: {value!r}")
-        if key in _NOT_YET:
-            log.warning("config key %s.%s is not implemented in this build yet; ignored", section, key)
-            continue
         setattr(cfg, key, value)
 
 
