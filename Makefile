@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	# CPU wheel (an unpinned torch would pull a multi-GB CUDA build). TORCH_SPEC overrides.
 	if [ -n "$$TORCH_SPEC" ]; then $(PY) -m pip install -q "$$TORCH_SPEC"; \
 	elif ! $(PY) -c "import torch" 2>/dev/null; then $(PY) -m pip install -q "torch==2.13.0"; fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,gds]"
 	touch $@
 
 demo: $(STAMP)

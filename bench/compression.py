@@ -1,7 +1,7 @@
 """Disk-tier compression: which LZ4 variant the "lz4" mode uses, and what a disk hit costs with it.
 
 Latent kinds (one array per entry, as the tier stores them):
-- VAE fp32 / bf16: the tiny random-weight AutoencoderKL of cached.fixtures, run in-process in that
+- VAE fp32 / bf16: the tiny random-weight AutoencoderKL of cached_testing.fixtures, run in-process in that
   dtype on synthetic photos (write_images), output scaling_factor * mean as the daemon stores it;
 - noise bf16: normal noise shaped like a Flux latent (16 x 128 x 128), the statistics of a real
   scaled latent (mean 0, std 1) without a real VAE.
@@ -27,7 +27,9 @@ from collections.abc import Callable
 import lz4.block
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # cached_testing: tiny models
 
 from common import RESULTS, machine, table, write_result  # noqa: E402
 
@@ -43,7 +45,7 @@ def vae_latents(n: int, size: int, workdir: str) -> dict[str, tuple[Items, str]]
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from cached.fixtures import build_tiny_vae, write_images
+    from cached_testing.fixtures import build_tiny_vae, write_images
 
     path = build_tiny_vae(os.path.join(workdir, "vae"))
     images = write_images(os.path.join(workdir, "img"), n, sizes=[(size, size)])

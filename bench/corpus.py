@@ -26,12 +26,13 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # cached_testing: tiny models, the daemon harness
 
 from methods import Latents  # noqa: E402
 
-from cached.fixtures import build_tiny_vae, write_images  # noqa: E402
-from cached.harness import Daemon  # noqa: E402
 from cached_client import CacheClient, ImageSpec  # noqa: E402
+from cached_testing.fixtures import build_tiny_vae, write_images  # noqa: E402
+from cached_testing.harness import Daemon  # noqa: E402
 
 __all__ = ["Corpus", "corpus", "SIZES"]
 

@@ -24,11 +24,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # cached_testing: tiny models, the daemon harness
 
 from common import RESULTS, machine, table, write_result  # noqa: E402
 
-from cached.fixtures import build_tiny_vae, write_images  # noqa: E402
-from cached.harness import Daemon  # noqa: E402
+from cached_testing.fixtures import build_tiny_vae, write_images  # noqa: E402
+from cached_testing.harness import Daemon  # noqa: E402
 
 MAX_BATCH = 16
 

@@ -2,7 +2,7 @@
 
 Builds a tiny local VAE and sample images, starts the daemon on a private socket, warms the cache
 with cachectl, reads the latents from a 4-worker DataLoader, prints what happened, stops the daemon
-and checks that nothing is left in /dev/shm.
+and checks that it left nothing in shared memory.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,49 +19,31 @@ import warnings
 import psutil
 from torch.utils.data import DataLoader
 
-from cached.fixtures import build_tiny_vae, write_images
-from cached_client import CacheClient, DaemonUnavailable, ImageSpec
-from cached_client.torch import CachedDataset
-from cached_client.units import format_bytes
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from cached_client import CacheClient, ImageSpec  # noqa: E402
+from cached_client.torch import CachedDataset  # noqa: E402
+from cached_client.units import format_bytes  # noqa: E402
+from cached_testing.fixtures import build_tiny_vae, write_images  # noqa: E402
+from cached_testing.harness import Daemon  # noqa: E402
 
 # this machine may have fewer cores than workers; the demo still wants four of them
 warnings.filterwarnings("ignore", message=".*suggested max number of worker.*")
 
-CONFIG = """\
-[store]
-shm_bytes = "256MiB"
-disk_dir = "{root}/disk"             # the persistent tier, removed with the demo's directory
-allowed_roots = ["{root}"]
 
-[encoders.vae]
-kind = "diffusers-vae"
-path = "{vae}"
-dtype = "fp32"
-max_batch = 16
-"""
+
+def config(work: str) -> dict:
+    return {
+        # the persistent tier lives in the demo's directory and goes with it; shared memory is a
+        # private directory of /dev/shm, so the check at the end judges only this daemon's files
+        "store": {"shm_bytes": "256MiB", "disk_dir": os.path.join(work, "disk"), "allowed_roots": [work]},
+        "encoders": {"vae": {"kind": "diffusers-vae", "path": os.path.join(work, "vae"), "dtype": "fp32",
+                             "max_batch": 16}},
+    }
 
 
 def step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
-
-
-def start_daemon(work: str) -> tuple[subprocess.Popen, str]:
-    config = os.path.join(work, "cached.toml")
-    with open(config, "w") as f:
-        f.write(CONFIG.format(root=work, vae=os.path.join(work, "vae")))
-    socket = os.path.join(work, "cached.sock")
-    log = open(os.path.join(work, "daemon.log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cached", "serve", "--config", config, "--socket", socket],
-                            stdout=log, stderr=subprocess.STDOUT)
-    client = CacheClient(socket, connect_timeout=0)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if client.health() == "SERVING":
-                return proc, "unix://" + socket
-        except DaemonUnavailable:
-            time.sleep(0.2)
-    raise SystemExit(f"daemon did not start; see {log.name}")
 
 
 def read_epochs(client: CacheClient, specs: list[ImageSpec], epochs: int) -> tuple[float, list[dict]]:
@@ -89,13 +70,14 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="cached-demo-")
-    shm_before = set(os.listdir("/dev/shm"))
+    daemon = Daemon(work, config(work))
     try:
         step(f"building a tiny AutoencoderKL and {args.images} sample images in {work}")
         build_tiny_vae(os.path.join(work, "vae"))
         paths = write_images(os.path.join(work, "images"), args.images, [(512, 512), (640, 480), (480, 640)])
         step("starting `cached serve` on a private socket")
-        daemon, address = start_daemon(work)
+        daemon.start()
+        address = daemon.address
         try:
             step("warming: cachectl warm --encoder vae --size 256x256 --flip both")
             subprocess.run([sys.executable, "-m", "cached_client.cachectl", "--address", address, "warm",
@@ -124,13 +106,13 @@ def main() -> None:
             client.close()
         finally:
             step("stopping the daemon (SIGTERM)")
-            daemon.send_signal(signal.SIGTERM)
-            print(f"  exit code {daemon.wait(60)}")
-        left = sorted(n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("cached-"))
-        print(f"  left in /dev/shm: {', '.join(left) if left else 'nothing'}")
+            print(f"  exit code {daemon.stop(timeout=60)}")
+        left = daemon.segments()  # this daemon's own files only: others may run on this machine
+        print(f"  left in shared memory: {', '.join(left) if left else 'nothing'}")
         if left:
             raise SystemExit(1)
     finally:
+        daemon.cleanup()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -8,19 +8,23 @@ from typing import Any
 
 import pytest
 
-from cached.fixtures import build_tiny_vae, write_images
-from cached.harness import Daemon
+from cached_testing.fixtures import build_tiny_vae, settle, write_images
+from cached_testing.harness import Daemon
 
 
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_tiny_vae(str(tmp_path_factory.mktemp("vae")))
+    path = build_tiny_vae(str(tmp_path_factory.mktemp("vae")))
+    settle(path)  # old enough for its stamp to be trusted: the weight digest memo applies
+    return path
 
 
 @pytest.fixture(scope="session")
 def images(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Twelve PNGs: square 256x256, non-square 320x200 and 200x288."""
-    return write_images(str(tmp_path_factory.mktemp("images")), 12, [(256, 256), (320, 200), (200, 288)])
+    paths = write_images(str(tmp_path_factory.mktemp("images")), 12, [(256, 256), (320, 200), (200, 288)])
+    settle(*paths)  # old enough for their stamps to be trusted: handle caches and key memos apply
+    return paths
 
 
 @pytest.fixture

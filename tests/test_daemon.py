@@ -98,7 +98,7 @@ def test_rewritten_image_is_a_new_key(daemon, images, tmp_path):
 
 
 def test_another_vae_is_another_key(daemon_factory, tiny_vae, images, tmp_path):
-    from cached.fixtures import build_tiny_vae
+    from cached_testing.fixtures import build_tiny_vae
 
     other = build_tiny_vae(str(tmp_path / "vae2"), seed=1)
     d1 = daemon_factory(vae_config(tiny_vae))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from cached.encoders import WeightDigests, build_encoder
 from cached.encoders.latents import seeded_normal
 from cached.encoders.loading import choose_reader, fastsafetensors_available, load_model, read_safetensors
-from cached.fixtures import build_tiny_vae
+from cached_testing.fixtures import build_tiny_vae, settle
 
 QWEN_CONFIG = {"base_dim": 16, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1, "attn_scales": [],
                "temperal_downsample": [False], "latents_mean": [0.1, -0.2, 0.3, 0.0],
@@ -24,7 +24,9 @@ QWEN_CONFIG = {"base_dim": 16, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks":
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_tiny_vae(str(tmp_path_factory.mktemp("vae")))
+    path = build_tiny_vae(str(tmp_path_factory.mktemp("vae")))
+    settle(path)  # old enough for its stamp to be trusted: the weight digest memo applies
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 from conftest import vae_config
 from PIL import Image
 
-from cached.fixtures import build_tiny_clip, tiny_clip_tokenizer
 from cached_client import CacheClient, DaemonUnavailable, EncoderError, ImageSpec, InvalidSpec, TextSpec
+from cached_testing.fixtures import build_tiny_clip, tiny_clip_tokenizer
 
 PLUGIN = '''
 import time

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 
-from cached.fixtures import build_tiny_clip
+from cached_testing.fixtures import build_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cached.fixtures import write_images
 from cached.importers import ImportItem, Reason, Skip, iter_import, summarize
 from cached_client.specs import ImageSpec
+from cached_testing.fixtures import write_images
 
 
 def latent(seed: int, shape: tuple[int, ...] = (4, 8, 8), dtype: torch.dtype = torch.float32) -> torch.Tensor:

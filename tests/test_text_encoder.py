@@ -13,7 +13,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
 from cached.encoders import build_encoder
-from cached.fixtures import build_tiny_clip, build_tiny_t5, tiny_clip_tokenizer, tiny_t5_tokenizer
+from cached_testing.fixtures import build_tiny_clip, build_tiny_t5, tiny_clip_tokenizer, tiny_t5_tokenizer
 
 TEXTS = ["a photo of a cat", "a red house in the painting", "zebra 42"]
 

@@ -12,11 +12,11 @@ import tempfile
 import time
 from typing import Any
 
-from cached_client import CacheClient, DaemonUnavailable
+from cached_client import CacheClient, DaemonUnavailable, DeadlineExceeded
 
 __all__ = ["Daemon", "write_config"]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _toml(value: Any) -> str:
@@ -85,8 +85,8 @@ class Daemon:
             try:
                 if client.health() == "SERVING":
                     return self
-            except DaemonUnavailable:
-                pass
+            except (DaemonUnavailable, DeadlineExceeded):
+                pass  # not listening yet, or too busy loading to answer within the health timeout
             time.sleep(0.1)
         raise RuntimeError(f"daemon not SERVING after {timeout} s:\n{self.log()}")
 

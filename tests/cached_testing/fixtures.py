@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["build_tiny_vae", "build_tiny_clip", "build_tiny_t5", "tiny_clip_tokenizer", "tiny_t5_tokenizer",
+__all__ = ["settle", "build_tiny_vae", "build_tiny_clip", "build_tiny_t5", "tiny_clip_tokenizer", "tiny_t5_tokenizer",
            "write_images", "TINY_VAE_CONFIG", "TINY_WORDS"]
 
 # Four down blocks give the real 8x downsampling; 4 latent channels as in SD 1.5 / SDXL.
@@ -132,3 +132,21 @@ def write_images(directory: str, n: int, sizes: list[tuple[int, int]] | None = N
         img.save(path)
         paths.append(path)
     return paths
+
+
+def settle(*paths: str) -> None:
+    """Waits until every file under `paths` changed longer ago than cached_client.stamp.RACY_NS, so
+    its stamp is trusted and the memos and handle caches keyed by stamps apply to it."""
+    import time
+
+    from cached_client.stamp import RACY_NS
+
+    newest = 0
+    for path in paths:
+        for root, _, names in os.walk(path) if os.path.isdir(path) else [("", [], [path])]:
+            for name in names:
+                st = os.stat(os.path.join(root, name))
+                newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
+    wait_ns = newest + RACY_NS - time.time_ns()
+    if wait_ns > 0:
+        time.sleep(wait_ns / 1e9 + 0.01)
