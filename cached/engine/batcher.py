@@ -2,9 +2,13 @@
 together, up to `max_batch` items, waiting at most `max_delay_s` for a batch to fill. Each replica
 of the encoder (one per configured device) has a worker that takes the next batch when it is free.
 
-A batch that runs out of device memory is split in halves and retried, and the largest size that
-fit is remembered; a batch that fails otherwise is retried item by item, so only the items that fail
-alone get an error.
+A batch that runs out of device memory is split into batches of at most half its size, retried only
+once the failed attempt is let go: retried inside the `except` block, its traceback would keep the
+failed forward pass's frames and activations alive, so the halves would run out of memory too (the
+PyTorch FAQ, "my out of memory exception handler can't allocate memory"). The largest batch that fits
+is remembered per replica and input shape, and probed upwards again after a run of successes
+(`FitLimits`). A batch that fails otherwise is retried item by item, so only the items that fail alone
+get an error.
 """
 
 from __future__ import annotations
@@ -25,9 +29,18 @@ from cached_client.errors import Cancelled, EncoderError
 
 from ..encoders import Encoder
 
-__all__ = ["Batcher", "Job"]
+__all__ = ["Batcher", "FitLimits", "Job", "GROW_AFTER"]
 
 log = logging.getLogger(__name__)
+
+# Consecutive batches that must succeed at a lowered limit before a twice larger one is tried. A failed
+# probe costs one out-of-memory error and a retry of that batch, so at most about 1 batch in 16 is
+# wasted, while memory that others free (another process, a healed fragmentation) is used again after
+# a few seconds of steady encoding.
+GROW_AFTER = 16
+# Each failed probe doubles that wait, up to this many batches: a limit that is really the device's
+# costs ever less to re-check; a successful probe resets the wait to GROW_AFTER.
+GROW_AFTER_MAX = 1024
 
 
 @dataclass(eq=False)
@@ -47,6 +60,72 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def _release_device_memory() -> None:
+    """Hand the blocks a failed attempt freed back to the driver before its retry (fragmentation, other
+    processes); only where CUDA is in use, so CPU-only machines never initialise it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class _Fit:
+    limit: int
+    patience: int = GROW_AFTER  # successes at `limit` needed before a larger batch is tried
+    streak: int = 0             # consecutive successes at `limit`
+    probing: bool = False       # `limit` was just raised and has not succeeded yet
+
+
+class FitLimits:
+    """The largest batch believed to fit, per (replica, input group): an out-of-memory error at a size
+    lowers it to half that size; `GROW_AFTER` (more after failed probes) consecutive successful
+    batches at it double it again, up to `max_batch`. A replica that never ran out of memory on a
+    group keeps `max_batch` for it: devices and shapes differ, one encoder-wide number would not."""
+
+    def __init__(self, encoder: str, max_batch: int) -> None:
+        self.encoder = encoder
+        self.max_batch = max_batch
+        self._fits: dict[tuple[int, Hashable], _Fit] = {}
+        self._mu = threading.Lock()  # `smallest` reads from other threads than the replica's own
+
+    def get(self, replica: int, group: Hashable) -> int:
+        with self._mu:
+            fit = self._fits.get((replica, group))
+            return self.max_batch if fit is None else fit.limit
+
+    def smallest(self) -> int:
+        with self._mu:
+            return min((fit.limit for fit in self._fits.values()), default=self.max_batch)
+
+    def out_of_memory(self, replica: int, group: Hashable, size: int) -> int:
+        """Record that a batch of `size` ran out of memory; the limit to retry with."""
+        with self._mu:
+            fit = self._fits.setdefault((replica, group), _Fit(self.max_batch))
+            if fit.probing:
+                fit.patience = min(GROW_AFTER_MAX, fit.patience * 2)
+            old, new = fit.limit, max(1, min(fit.limit, size // 2))
+            fit.limit, fit.streak, fit.probing = new, 0, False
+        if new != old:
+            log.warning("encoder %s, replica %d, inputs %s: out of memory at batch %d; batches now <= %d",
+                        self.encoder, replica, group, size, new)
+        return new
+
+    def succeeded(self, replica: int, group: Hashable, size: int) -> None:
+        """Record a successful batch of `size`; after enough of them at the limit, raise it."""
+        with self._mu:
+            fit = self._fits.get((replica, group))
+            if fit is None or size < fit.limit:
+                return  # a short batch says nothing about the limit
+            if fit.probing:
+                fit.patience, fit.probing = GROW_AFTER, False
+            fit.streak += 1
+            if fit.streak < fit.patience or fit.limit >= self.max_batch:
+                return
+            old, new, streak = fit.limit, min(self.max_batch, fit.limit * 2), fit.streak
+            fit.limit, fit.streak, fit.probing = new, 0, True
+        log.info("encoder %s, replica %d, inputs %s: %d batches of %d fitted; trying batches of %d",
+                 self.encoder, replica, group, streak, old, new)
+
+
 class Batcher:
     """One thread per encoder replica set; `submit` is thread-safe and never blocks on encoding."""
 
@@ -60,7 +139,7 @@ class Batcher:
         self.seal = seal
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
-        self.fit_limit = max_batch  # lowered after an out-of-memory split
+        self.limits = FitLimits(encoder.name, max_batch)
         self._queues: dict[Hashable, deque[tuple[float, Job]]] = {}
         self._cv = threading.Condition()
         self._closed = False
@@ -74,6 +153,12 @@ class Batcher:
             for r in range(getattr(encoder, "replicas", 1))]
         for t in self._threads:
             t.start()
+
+    @property
+    def fit_limit(self) -> int:
+        """The smallest batch limit of any replica and input shape (`max_batch` until one ran out of
+        memory); the limits themselves are in `limits`."""
+        return self.limits.smallest()
 
     def submit_many(self, jobs: list[Job]) -> None:
         with self._cv:
@@ -93,7 +178,7 @@ class Batcher:
         for t in self._threads:
             t.join()
 
-    def _next_batch(self) -> list[Job] | None:
+    def _next_batch(self, replica: int) -> list[Job] | None:
         with self._cv:
             while True:
                 queues = {g: q for g, q in self._queues.items() if q}
@@ -104,7 +189,7 @@ class Batcher:
                     continue
                 group = min(queues, key=lambda g: queues[g][0][0])  # the oldest waiting item first
                 queue = queues[group]
-                limit = self.fit_limit
+                limit = self.limits.get(replica, group)
                 wait = queue[0][0] + self.max_delay_s - time.monotonic()
                 if len(queue) < limit and wait > 0 and not self._closed:
                     self._cv.wait(wait)
@@ -112,33 +197,46 @@ class Batcher:
                 return [queue.popleft()[1] for _ in range(min(limit, len(queue)))]
 
     def _loop(self, replica: int) -> None:
-        while (jobs := self._next_batch()) is not None:
+        while (jobs := self._next_batch(replica)) is not None:
             t0 = time.perf_counter()
             self._run(jobs, replica)
             with self._stats:
                 self.busy_s += time.perf_counter() - t0
 
     def _run(self, jobs: list[Job], replica: int) -> None:
+        """Encode and seal `jobs`; after a failure, retry in smaller batches."""
         try:
             outputs = self._encode(jobs, replica)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes per-item errors below
-            if len(jobs) > 1 and _is_oom(exc):
-                self.fit_limit = max(1, min(self.fit_limit, len(jobs) // 2))
-                log.warning("encoder %s: out of memory at batch %d; splitting, batches now <= %d",
-                            self.encoder.name, len(jobs), self.fit_limit)
-                half = len(jobs) // 2
-                self._run(jobs[:half], replica)
-                self._run(jobs[half:], replica)
-            elif len(jobs) > 1:
-                log.warning("encoder %s: batch of %d failed (%s); retrying item by item",
-                            self.encoder.name, len(jobs), exc)
-                for job in jobs:
-                    self._run([job], replica)
-            else:
-                log.warning("encoder %s failed on %s: %s", self.encoder.name,
-                            jobs[0].meta.get("source", "?"), exc)
-                jobs[0].future.set_exception(EncoderError(f"encoder {self.encoder.name}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes retries or per-item errors below
+            oom, error = _is_oom(exc), str(exc)
+        else:
+            self._finish(jobs, outputs, replica)
             return
+        # Only here, out of the handler, are the exception, its traceback and with them the failed
+        # attempt's frames and tensors gone, so the retries get the memory back.
+        self._retry(jobs, replica, oom, error)
+
+    def _retry(self, jobs: list[Job], replica: int, oom: bool, error: str) -> None:
+        """After running out of memory, batches under the lowered limit; after any other error, one
+        item at a time, so only items that fail alone get an error."""
+        if len(jobs) == 1:
+            source = jobs[0].meta.get("source", "?")
+            log.warning("encoder %s failed on %s: %s", self.encoder.name, source, error)
+            jobs[0].future.set_exception(EncoderError(f"encoder {self.encoder.name}: {error}"))
+            return
+        if oom:
+            size = self.limits.out_of_memory(replica, jobs[0].group, len(jobs))
+            _release_device_memory()
+        else:
+            log.warning("encoder %s: batch of %d failed (%s); retrying item by item",
+                        self.encoder.name, len(jobs), error)
+            size = 1
+        for start in range(0, len(jobs), size):
+            self._run(jobs[start:start + size], replica)
+
+    def _finish(self, jobs: list[Job], outputs: dict[str, torch.Tensor], replica: int) -> None:
+        """Count a successful batch and seal each item's outputs."""
+        self.limits.succeeded(replica, jobs[0].group, len(jobs))
         with self._stats:
             self.items += len(jobs)
             self.batches += 1
