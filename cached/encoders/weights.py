@@ -1,5 +1,5 @@
-"""Digests of weights: files, remembered by (path, size, mtime) so a restart does not rehash
-gigabytes, and in-memory state dicts (for plugin modules)."""
+"""Digests of weights: files, remembered by path and stamp (cached_client/stamp.py) so a restart does
+not rehash gigabytes, and in-memory state dicts (for plugin modules)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from cached_client.stamp import stamp_of
 
 __all__ = ["WeightDigests", "state_dict_digest", "json_digest"]
 
@@ -37,14 +39,15 @@ class WeightDigests:
                 log.warning("ignoring unreadable weight digest memo %s: %s", memo_path, exc)
 
     def file(self, path: str) -> str:
-        """blake2b-256 hex digest of a file's bytes, from the memo when its size, mtime and inode match."""
+        """blake2b-256 hex digest of a file's bytes, from the memo when its stamp is unchanged."""
         path = os.path.realpath(path)
         st = os.stat(path)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        stamped = stamp_of(st)
+        stamp = list(stamped) if stamped is not None else None
         with self._mu:
             hit = self._memo.get(path)
-            if hit and hit[:3] == stamp:
-                return str(hit[3])
+            if stamp is not None and hit and hit[:-1] == stamp:
+                return str(hit[-1])
         log.log(logging.INFO if st.st_size > _LOUD else logging.DEBUG, "hashing %s (%.1f MB)", path,
                 st.st_size / 1e6)
         h = hashlib.blake2b(digest_size=32)
@@ -54,8 +57,9 @@ class WeightDigests:
         digest = h.hexdigest()
         with self._mu:
             self.hashed += 1
-            self._memo[path] = [*stamp, digest]
-            self._save()
+            if stamp is not None:  # changed too recently to be told apart next time: not remembered
+                self._memo[path] = [*stamp, digest]
+                self._save()
         return digest
 
     def files(self, paths: list[str]) -> str:

@@ -22,15 +22,16 @@ from . import forksafe
 from ._proto import cache_pb2 as pb
 from ._proto import cache_pb2_grpc
 from .address import resolve_address
-from .errors import CacheError, DaemonUnavailable, error_for
-from .handles import ProcessState, source_stamp
-from .specs import Spec, encode_specs
+from .errors import ERROR_METADATA, CacheError, DaemonUnavailable, error_for
+from .handles import ProcessState
+from .procinfo import pid_namespace
+from .specs import ImageSpec, Spec, encode_specs
+from .stamp import source_stamp
 from .views import HAVE_TORCH, Entry, Lease, Segment
 from .wire import HANDLE, decode_layout, pack_leases
 
 __all__ = ["CacheClient", "WarmResult"]
 
-ERROR_METADATA = "cached-error"
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.max_receive_message_length", 256 << 20),
@@ -53,12 +54,8 @@ class WarmResult:
 
 
 def _owner() -> pb.Owner:
-    try:
-        ns = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        ns = 0
     return pb.Owner(pid=os.getpid(), start_time=psutil.Process().create_time(),
-                    client_id=secrets.token_hex(8), pid_ns=ns)
+                    client_id=secrets.token_hex(8), pid_ns=pid_namespace())
 
 
 class CacheClient:
@@ -114,22 +111,23 @@ class CacheClient:
 
     def get(self, specs: Sequence[Spec], encoder: str, compute: bool = True) -> list[Entry]:
         """One Entry per spec, in order. Misses are encoded by the daemon unless compute=False, which
-        raises CacheMiss instead. An item that fails raises its error (the first one, by index)."""
+        raises CacheMiss instead. An item that fails raises its error (the first one, by index).
+        A spec repeated in `specs` is asked for once and its entries share their views."""
         proc = self._process()
         want_torch = self.tensors == "torch" or (self.tensors == "auto" and HAVE_TORCH)
         out: list[Entry | None] = [None] * len(specs)
-        wanted: list[int] = []
+        wanted: dict[Spec, list[int]] = {}
         with proc.lock:
             proc.reap()
             for i, spec in enumerate(specs):
                 lease = proc.lookup((encoder, spec))
                 if lease is None:
-                    wanted.append(i)
+                    wanted.setdefault(spec, []).append(i)
                 else:
                     out[i] = Entry(lease.key.hex(), spec, lease.views(proc.dead, want_torch))
             release = proc.take_due()
         if wanted:
-            self._fetch(proc, encoder, [specs[i] for i in wanted], wanted, compute, release, out, want_torch)
+            self._fetch(proc, encoder, wanted, compute, release, out, want_torch)
         elif release:
             self._release(proc, release)
         return out  # type: ignore[return-value]
@@ -137,11 +135,13 @@ class CacheClient:
     def _release(self, proc: ProcessState, ids: list[int]) -> None:
         self._call(proc, "Release", pb.ReleaseRequest(owner=proc.owner, leases=pack_leases(ids)))
 
-    def _fetch(self, proc: ProcessState, encoder: str, specs: list[Spec], where: list[int], compute: bool,
+    def _fetch(self, proc: ProcessState, encoder: str, wanted: dict[Spec, list[int]], compute: bool,
                release: list[int], out: list[Entry | None], want_torch: bool) -> None:
+        specs = list(wanted)
         request = pb.GetRequest(encoder=encoder, specs=encode_specs(specs), compute=compute,
                                 owner=proc.owner, release=pack_leases(release))
-        stamps = [source_stamp(s) for s in specs]  # before the call: a rewrite after it is caught later
+        # before the call: a rewrite after it is caught by the next lookup
+        stamps = [source_stamp(s.path) if isinstance(s, ImageSpec) else None for s in specs]
         reply = self._call(proc, "Get", request)
         records = np.frombuffer(reply.handles, dtype=HANDLE).tolist()  # tuples: fast to unpack
         failed = {e.index: e for e in reply.errors}
@@ -157,16 +157,18 @@ class CacheClient:
                     continue
                 key, lease_id, _, offset, length, segment, layout = records[j]
                 key = key.ljust(32, b"\0")  # numpy's S32 drops trailing zero bytes
-                lease = Lease((encoder, spec), key, lease_id, proc.segments[reply.segments[segment]],
-                              offset, length, proc.layouts[layout], stamps[j], reply.instance)
-                proc.handles[lease.hkey] = lease
+                lease = proc.adopt_lease((encoder, spec), stamps[j], Lease(
+                    key, lease_id, proc.segments[reply.segments[segment]], offset, length,
+                    proc.layouts[layout], reply.instance))
                 if failed:  # this call raises: nobody will see these views, so the lease is idle now
-                    proc.idle[lease.lease_id] = lease
-                else:
-                    out[where[j]] = Entry(lease.key.hex(), spec, lease.views(proc.dead, want_torch))
+                    if not lease.alive():
+                        proc.idle[lease.lease_id] = lease
+                    continue
+                for i in wanted[spec]:
+                    out[i] = Entry(lease.key.hex(), spec, lease.views(proc.dead, want_torch))
         if failed:
             first = failed[min(failed)]
-            raise error_for(first.code, f"item {where[first.index]}: {first.message}", first.error)
+            raise error_for(first.code, f"item {wanted[specs[first.index]][0]}: {first.message}", first.error)
 
     def warm(self, specs: Sequence[Spec], encoder: str,
              progress: Callable[[pb.WarmProgress], None] | None = None) -> WarmResult:

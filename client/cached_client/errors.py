@@ -36,7 +36,10 @@ __all__ = [
     "ProtocolError",
     "DaemonError",
     "error_for",
+    "ERROR_METADATA",
 ]
+
+ERROR_METADATA = "cached-error"  # trailing metadata key: the class name of the error a call failed with
 
 
 class CacheError(Exception):

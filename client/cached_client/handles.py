@@ -1,10 +1,14 @@
 """What a client holds in one process: its channel, segment mappings, handle cache and leases.
 
-The handle cache maps (encoder, spec) to the lease the daemon granted for it. While an entry's views
-are alive its lease is busy; when they die the lease becomes idle but stays cached, so reading the
-entry again costs no RPC, only a stat of the source to prove it unchanged. Idle leases go back to
-the daemon (piggybacked on the next call, or by the watcher thread) when the daemon's control page
-says memory is under pressure, or when more than MAX_IDLE pile up.
+A process holds at most one lease per entry (key), and every lease it holds is in `leases` until it
+is given back, so a lease can't be lost with its views (held leases always equal live entries,
+whatever a batch repeats). The handle cache maps (encoder, spec) to the lease of the entry it
+resolved to, with the stamp of the spec's source file at the time. While an entry's views are alive
+its lease is busy; when they die the lease becomes idle but stays cached, so reading the entry again
+costs no RPC, only a stat of the source to prove it unchanged. Idle leases go back to the daemon
+(piggybacked on the next call, or by the watcher thread) when the daemon's control page says memory
+is under pressure, or when more than MAX_IDLE pile up; a second lease granted for an entry already
+held goes back at once.
 
 An idle entry's pages stay mapped, so re-reading it does not fault them in again, up to
 IDLE_PAGES_BYTES per process; past that, the oldest idle entries' pages are dropped from this
@@ -27,25 +31,17 @@ import grpc
 from ._proto import cache_pb2 as pb
 from ._proto import cache_pb2_grpc
 from .specs import ImageSpec, Spec
+from .stamp import Stamp, source_stamp
 from .views import Lease, Segment
 from .wire import Layout
 
-__all__ = ["ProcessState", "Control", "source_stamp", "MAX_IDLE", "WATCH_INTERVAL_S"]
+__all__ = ["ProcessState", "Control", "MAX_IDLE", "WATCH_INTERVAL_S"]
 
 MAX_IDLE = 65536          # idle leases one process keeps at most
 IDLE_PAGES_BYTES = 64 << 20  # idle entries' pages a process keeps mapped; older ones are dropped
 WATCH_INTERVAL_S = 0.5    # how often the watcher reads the control page
 
-
-def source_stamp(spec: Spec) -> tuple[int, ...] | None:
-    """(dev, inode, size, mtime_ns) of an image spec's file; None for texts and unreadable files."""
-    if not isinstance(spec, ImageSpec):
-        return None
-    try:
-        st = os.stat(spec.path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+HKey = tuple[str, Spec]   # (encoder, spec)
 
 
 class Control:
@@ -71,8 +67,10 @@ class ProcessState:
     instance: str = ""
     segments: dict[str, Segment] = field(default_factory=dict)
     layouts: dict[int, Layout] = field(default_factory=dict)
-    handles: dict[tuple[str, Spec], Lease] = field(default_factory=dict)
+    leases: dict[bytes, Lease] = field(default_factory=dict)  # by key: every lease held, busy or idle
+    handles: dict[HKey, tuple[Lease, Stamp | None]] = field(default_factory=dict)
     idle: dict[int, Lease] = field(default_factory=dict)
+    due: list[int] = field(default_factory=list)  # lease ids to give back with the next call
     dead: deque = field(default_factory=deque)  # weak references whose views died (views._Watch)
     hints: deque = field(default_factory=deque)  # prefetch calls in flight
     resident: dict[int, Lease] = field(default_factory=dict)  # idle, pages mapped, oldest first
@@ -82,24 +80,45 @@ class ProcessState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     watcher: threading.Thread | None = None
 
-    def lookup(self, hkey: tuple[str, Spec]) -> Lease | None:
+    def lookup(self, hkey: HKey) -> Lease | None:
         """A cached lease whose source is unchanged (caller holds the lock); stale ones are dropped."""
-        lease = self.handles.get(hkey)
-        if lease is None:
+        hit = self.handles.get(hkey)
+        if hit is None:
             return None
-        if lease.stamp is not None and source_stamp(hkey[1]) != lease.stamp:
-            del self.handles[hkey]  # rewritten since: the daemon computes its new key
+        lease, stamp = hit
+        if isinstance(hkey[1], ImageSpec) and (stamp is None or source_stamp(hkey[1].path) != stamp):
+            self._forget(hkey)  # rewritten (or too recently changed to tell): the daemon decides
             return None
         self.idle.pop(lease.lease_id, None)
         return lease
 
+    def adopt_lease(self, hkey: HKey, stamp: Stamp | None, lease: Lease) -> Lease:
+        """Records a lease a reply granted; the entry's lease when this process already holds one
+        (the new one is then given back with the next call)."""
+        held = self.leases.get(lease.key)
+        if held is None:
+            self.leases[lease.key] = held = lease
+        elif held.lease_id != lease.lease_id:
+            self.due.append(lease.lease_id)
+        self.idle.pop(held.lease_id, None)
+        old = self.handles.get(hkey)
+        if old is not None and old[0] is not held:
+            old[0].hkeys.discard(hkey)
+        self.handles[hkey] = (held, stamp)
+        held.hkeys.add(hkey)
+        return held
+
+    def _forget(self, hkey: HKey) -> None:
+        lease, _ = self.handles.pop(hkey)
+        lease.hkeys.discard(hkey)
+
     def reap(self) -> None:
-        """Leases whose views died become idle; their pages leave this process."""
+        """Leases whose views died become idle; their pages leave this process past the budget."""
         while self.dead:
             watch = self.dead.popleft()
-            lease = watch.lease
-            if lease.base is not watch:
-                continue  # revived since, with new views
+            lease: Lease = watch.lease
+            if lease.base is not watch or self.leases.get(lease.key) is not lease:
+                continue  # revived since with new views, or already given back
             if lease.instance != self.instance:  # the daemon that granted it is gone
                 lease.segment.drop_pages(lease.offset, lease.length)
                 continue
@@ -117,20 +136,24 @@ class ProcessState:
                 lease.segment.drop_pages(lease.offset, lease.length)
 
     def take_idle(self) -> list[int]:
-        """Every idle lease id, to give back now; their handles leave the cache."""
+        """Every idle lease id (and every duplicate), to give back now; their handles leave the cache."""
         for lease in self.idle.values():
-            if self.handles.get(lease.hkey) is lease:
-                del self.handles[lease.hkey]
+            for hkey in list(lease.hkeys):
+                self._forget(hkey)
+            del self.leases[lease.key]
             self._unmap(lease)
-        ids = list(self.idle)
+        ids = [*self.idle, *self.due]
         self.idle.clear()
+        self.due.clear()
         return ids
 
     def take_due(self) -> list[int]:
-        """Idle lease ids to give back when the daemon asked for them or too many piled up."""
+        """Lease ids to give back now: duplicates, and the idle ones when the daemon asked for them
+        or too many piled up."""
         pressure = self.control.pressure() if self.control is not None else self.pressure_seen
         if not self.idle or (pressure == self.pressure_seen and len(self.idle) < MAX_IDLE):
-            return []
+            due, self.due = self.due, []
+            return due
         self.pressure_seen = pressure
         return self.take_idle()
 
@@ -141,8 +164,10 @@ class ProcessState:
             self.instance = instance
             self.segments.clear()
             self.layouts.clear()
+            self.leases.clear()
             self.handles.clear()
             self.idle.clear()
+            self.due.clear()
             self.resident.clear()
             self.resident_bytes = 0
             self.control = None
