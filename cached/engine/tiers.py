@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cached_client.errors import CacheError
+from cached_client.errors import CacheError, DeadlineExceeded
 
 from ..store import Entry, Owner, ShmStore, TensorBytes
 from ..store.disk import DiskTier
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 Held = tuple[Entry, int]  # an entry and the lease on it (0: not leased)
 MAX_PENDING_WRITES = 512  # sealing waits when this many entries are not on disk yet
+SEAL_WAIT_S = 30.0        # ... for this long at most; then the entry is served from shm only
+FLUSH_WAIT_S = 60.0       # how long an eviction from disk waits for the writes in flight
 
 
 class Tiers:
@@ -32,9 +34,11 @@ class Tiers:
         self.shm = shm
         self.disk = disk
         self._writers = ThreadPoolExecutor(writers, thread_name_prefix="disk-write") if disk else None
-        self._pending = threading.BoundedSemaphore(MAX_PENDING_WRITES)
+        self._outstanding: set[int] = set()  # sequence numbers of sealed entries not on disk yet
+        self._seq = 0
+        self._written = threading.Condition()  # notified whenever a write ends
         self._mu = threading.Lock()
-        self.counters = {"disk_hits": 0, "promotions": 0, "disk_write_errors": 0}
+        self.counters = {"promotions": 0, "disk_write_errors": 0, "disk_write_skipped": 0}
 
     def acquire(self, key: bytes, owner: Owner | None) -> Held | None:
         """The entry from shared memory, leased to `owner` (when given); None on a miss."""
@@ -55,30 +59,42 @@ class Tiers:
             return None
         tensors, meta = found
         self.shm.put(key, tensors, meta)
-        with self._mu:
-            self.counters["disk_hits"] += 1
-            self.counters["promotions"] += 1
+        self._count("promotions")
         return self.acquire(key, owner)
 
     def seal(self, key: bytes, tensors: dict[str, TensorBytes], meta: dict[str, str]) -> Entry:
         """Into shared memory now, onto disk soon. `tensors` must stay valid until written."""
         entry = self.shm.put(key, tensors, meta)
-        if self._writers is not None:
-            self._pending.acquire()
-            self._writers.submit(self._write, key, tensors, meta)
+        if self._writers is None:
+            return entry
+        with self._written:
+            if not self._written.wait_for(lambda: len(self._outstanding) < MAX_PENDING_WRITES, SEAL_WAIT_S):
+                self._count("disk_write_skipped")  # a stuck disk must not stop encoding
+                log.warning("disk writes are stuck (%d pending for %.0f s): %s stays in shared memory only",
+                            len(self._outstanding), SEAL_WAIT_S, key.hex()[:16])
+                return entry
+            self._seq += 1
+            seq = self._seq
+            self._outstanding.add(seq)
+        self._writers.submit(self._write, seq, key, tensors, meta)
         return entry
 
-    def _write(self, key: bytes, tensors: dict[str, TensorBytes], meta: dict[str, str]) -> None:
+    def _write(self, seq: int, key: bytes, tensors: dict[str, TensorBytes], meta: dict[str, str]) -> None:
         assert self.disk is not None
         try:
             if not self.disk.contains(key):
                 self.disk.put(key, tensors, meta)
         except (CacheError, OSError, ValueError) as exc:  # the entry stays served from shared memory
-            with self._mu:
-                self.counters["disk_write_errors"] += 1
+            self._count("disk_write_errors")
             log.warning("writing %s to disk failed: %s", key.hex()[:16], exc)
         finally:
-            self._pending.release()
+            with self._written:
+                self._outstanding.discard(seq)
+                self._written.notify_all()
+
+    def _count(self, counter: str) -> None:
+        with self._mu:
+            self.counters[counter] += 1
 
     def evict(self, match: Callable[[Any], bool], tier: str) -> dict[str, int]:
         """Evicts from the tiers that `tier` names ("shm", "disk", "all"): counts per tier."""
@@ -110,20 +126,23 @@ class Tiers:
         return tiers
 
     def counter_values(self) -> dict[str, int]:
-        out = dict(self.counters)
+        with self._mu:
+            out = dict(self.counters)
+        out["evictions"] = self.shm.stats()["evictions"]
         if self.disk is not None:
             d = self.disk.stats()
             out.update(disk_corrupt=d["corrupt"], disk_evictions=d["evictions"], disk_writes=d["writes"])
         return out
 
-    def flush(self) -> None:
-        """Waits until every sealed entry is on disk."""
-        if self._writers is None:
-            return
-        for _ in range(MAX_PENDING_WRITES):
-            self._pending.acquire()
-        for _ in range(MAX_PENDING_WRITES):
-            self._pending.release()
+    def flush(self, timeout: float = FLUSH_WAIT_S) -> None:
+        """Waits until every entry sealed before the call is on disk (entries sealed meanwhile do
+        not hold it up; any number of callers at once). DeadlineExceeded after `timeout` seconds."""
+        with self._written:
+            upto = self._seq
+            if not self._written.wait_for(lambda: not self._outstanding or min(self._outstanding) > upto,
+                                          timeout):
+                raise DeadlineExceeded(f"{len(self._outstanding)} disk writes still pending after "
+                                       f"{timeout:.0f} s; nothing was evicted from disk")
 
     def close(self) -> None:
         """Finishes pending disk writes and closes the disk tier (the shm store is closed by its owner)."""
