@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cached_client import CacheClient, ImageSpec, TextSpec
+from cached_client.specs import IMAGE_EXTENSIONS
 from cached_client.torch import BucketBatchSampler, CachedDataset
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def dataset_specs(image_dir: str, size: tuple[int, int]) -> tuple[list[ImageSpec], list[TextSpec]]:

@@ -23,12 +23,15 @@ import torch
 
 from cached_client.errors import CacheError, CacheMiss, DaemonError, InvalidSpec, SourceError, UnknownEncoder
 from cached_client.specs import ImageSpec, Spec, TextSpec, decode_spec
+from cached_client.stamp import Stamp, source_stamp
 
 from ..encoders import Encoder
 from ..images import DEFAULT_MAX_PIXELS, prepare_image
 from ..store import Entry, Owner, TensorBytes
 from .batcher import Batcher, Job
 from .keys import entry_key
+from .prefetch import Prefetcher
+from .selection import Selection, check_tier
 from .sources import Sources
 from .tiers import Held, Tiers
 
@@ -81,23 +84,29 @@ class Engine:
         self.pool = ThreadPoolExecutor(decode_workers or min(8, (os.cpu_count() or 2)),
                                        thread_name_prefix="decode")
         self._inflight: dict[bytes, Future] = {}
-        # packed spec line -> its item and the source's (dev, inode, size, mtime): a repeated spec
-        # costs one stat instead of a realpath, a JSON parse and a key digest
-        self._keys: dict[tuple[str, bytes], tuple[Item, tuple[int, ...] | None]] = {}
+        # packed spec line -> its item and the source's stamp: a repeated spec costs one stat
+        # instead of a realpath, a JSON parse and a key digest
+        self._keys: dict[tuple[str, bytes], tuple[Item, Stamp | None]] = {}
         self._mu = threading.Lock()
-        self.counters = {"hits": 0, "misses": 0, "computed": 0, "errors": 0}
+        # hits: items served from a tier (shm_hits + disk_hits); misses: found in none of them
+        # (then computed, or CacheMiss); errors: items that failed; computed: entries encoded
+        self.counters = {"hits": 0, "shm_hits": 0, "disk_hits": 0, "misses": 0, "computed": 0, "errors": 0}
+        self.prefetcher = Prefetcher(self)
 
-    # requests
+    # requests: one method per RPC
 
-    def get(self, encoder: str, specs: bytes, compute: bool, owner: Owner | None) -> list[Result]:
-        """One result per item, in order: (entry, lease) or the item's error."""
+    def get(self, encoder: str, specs: bytes, compute: bool, owner: Owner | None,
+            release: list[int] | None = None) -> list[Result]:
+        """One result per item, in order: (entry, lease) or the item's error. `release` are lease
+        ids the owner gives back first."""
+        if release and owner is not None:
+            self.store.release(owner, release)
         enc = self.encoder(encoder)
         items = self.parse(specs, enc)
-        results: list[Result | None] = [None] * len(items)
+        results: list[Result | Item | None] = list(items)  # errors stay; items are replaced below
         misses: list[tuple[int, Item]] = []
         for i, item in enumerate(items):
             if isinstance(item, CacheError):
-                results[i] = item
                 continue
             held = self.tiers.acquire(item.key, owner)
             if held is not None:
@@ -105,20 +114,21 @@ class Engine:
             else:
                 misses.append((i, item))
         promoted = self._promote(misses, owner)
-        self._bump("hits", len(items) - len(misses) + sum(p is not None for p in promoted))
-        self._bump("misses", sum(p is None for p in promoted))
-        if not compute:
-            for (i, item), held in zip(misses, promoted, strict=True):
-                results[i] = held or CacheMiss(f"item {i} ({_describe(item.spec)}) is not cached")
-            misses = []
-        else:
-            for (i, _), held in zip(misses, promoted, strict=True):
+        found = sum(p is not None for p in promoted)
+        self._count(shm_hits=sum(isinstance(r, tuple) for r in results), disk_hits=found,
+                    misses=len(misses) - found)
+        left: list[tuple[int, Item]] = []
+        for (i, item), held in zip(misses, promoted, strict=True):
+            if held is not None:
                 results[i] = held
-            misses = [(i, item) for (i, item), held in zip(misses, promoted, strict=True) if held is None]
-        futures = self.compute(enc, [item for _, item in misses])
-        for (i, item), fut in zip(misses, futures, strict=True):
+            elif compute:
+                left.append((i, item))
+            else:
+                results[i] = CacheMiss(f"item {i} ({_describe(item.spec)}) is not cached")
+        futures = self.compute(enc, [item for _, item in left])
+        for (i, item), fut in zip(left, futures, strict=True):
             results[i] = self._finish(enc, item, fut, owner)
-        self._bump("errors", sum(isinstance(r, CacheError) for r in results))
+        self._count(errors=sum(isinstance(r, CacheError) for r in results))
         return results  # type: ignore[return-value]
 
     def _promote(self, misses: list[tuple[int, Item]], owner: Owner | None) -> list[Held | None]:
@@ -126,6 +136,33 @@ class Engine:
         if not misses or self.tiers.disk is None:
             return [None] * len(misses)
         return list(self.pool.map(lambda m: self.tiers.promote(m[1].key, owner), misses))
+
+    def prefetch(self, encoder: str, specs: bytes) -> tuple[int, int]:
+        """(queued, dropped): a hint computed in the background (prefetch.py)."""
+        return self.prefetcher.submit(encoder, specs)
+
+    def release(self, owner: Owner, lease_ids: list[int]) -> int:
+        return self.store.release(owner, lease_ids)
+
+    def evict(self, selection: Selection, tier: str) -> dict[str, int]:
+        if selection.empty:
+            raise InvalidSpec("evict needs all, an encoder, a source prefix or keys")
+        return self.tiers.evict(selection, check_tier(tier))
+
+    def list_entries(self, selection: Selection, tier: str) -> list[dict[str, Any]]:
+        return self.tiers.list_entries(check_tier(tier), selection)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, tiers and encoders, as the Stats RPC reports them."""
+        encoders = {name: {**enc.describe(), "items": b.items, "batches": b.batches,
+                           "max_batch_seen": b.max_batch_seen, "busy_s": b.busy_s}
+                    for name, enc in self.encoders.items() if (b := self.batchers[name])}
+        with self._mu:
+            counters = dict(self.counters)
+        counters.update(self.tiers.counter_values(), prefetch_queued=self.prefetcher.queued,
+                        prefetch_dropped=self.prefetcher.dropped)
+        return {"counters": counters, "tiers": self.tiers.stats(), "leases": self.store.stats()["leases"],
+                "encoders": encoders}
 
     def warm(self, encoder: str, specs: bytes, window: int = 256) -> Iterator[dict[str, Any]]:
         """Computes every item without leasing, yielding progress about every 0.25 s."""
@@ -139,6 +176,7 @@ class Engine:
             progress["done"] += 1
             if isinstance(result, CacheError):
                 progress["errors"].append((i, result))
+                self._count(errors=1)
             else:
                 progress["computed" if computed else "cached"] += 1
 
@@ -147,9 +185,10 @@ class Engine:
         for i, item in enumerate(items):
             if isinstance(item, CacheError):
                 settle(i, item, False)
-            elif (held := self.find(item.key, None)) is not None:
+            elif (held := self.find(item.key, None, count=True)) is not None:
                 settle(i, held, False)
             else:
+                self._count(misses=1)
                 group.append((i, item))
             if len(group) >= group_size or (group and i == len(items) - 1):
                 futures = self.compute(enc, [it for _, it in group])
@@ -187,8 +226,8 @@ class Engine:
         remembered = self._keys.get((enc.name, line))
         if remembered is not None:
             item, stamp = remembered
-            if stamp is None or _stamp(item.spec) == stamp:  # the same file, unchanged: the same key
-                return item
+            if not isinstance(item.spec, ImageSpec) or source_stamp(item.spec.path) == stamp:
+                return item  # a text, or the same file unchanged: the same key
         try:
             spec = decode_spec(line)
         except (ValueError, TypeError) as exc:
@@ -205,19 +244,29 @@ class Engine:
                 raise InvalidSpec(f"item {i}: encoder {enc.name!r} takes text, not images")
             real, digest, data, stamp = self.sources.digest(spec.path)
             item = Item(spec, entry_key(digest, spec, enc.fingerprint), real, data)
-            self._remember(enc, line, Item(spec, item.key, real, None), stamp)
+            if stamp is not None:
+                self._remember(enc, line, Item(spec, item.key, real, None), stamp)
             return item
         except CacheError as exc:
             return exc
 
-    def _remember(self, enc: Encoder, line: bytes, item: Item, stamp: tuple[int, ...] | None) -> None:
+    def _remember(self, enc: Encoder, line: bytes, item: Item, stamp: Stamp | None) -> None:
         if len(self._keys) >= KEY_MEMO_ITEMS:
             self._keys.clear()  # crude but bounded; refilling costs one realpath + hash lookup per spec
         self._keys[(enc.name, line)] = (item, stamp)
 
-    def find(self, key: bytes, owner: Owner | None) -> Held | None:
-        """From shared memory, else promoted from disk; leased to `owner` when given."""
-        return self.tiers.acquire(key, owner) or self.tiers.promote(key, owner)
+    def find(self, key: bytes, owner: Owner | None, count: bool = False) -> Held | None:
+        """From shared memory, else promoted from disk; leased to `owner` when given. `count`: the
+        item is being served (counted as a hit of its tier), not looked up for the daemon itself."""
+        held = self.tiers.acquire(key, owner)
+        if held is not None:
+            if count:
+                self._count(shm_hits=1)
+            return held
+        held = self.tiers.promote(key, owner)
+        if held is not None and count:
+            self._count(disk_hits=1)
+        return held
 
     def compute(self, enc: Encoder, items: list[Item]) -> list[Future]:
         """Futures of the items' entries, shared with every concurrent request for the same key.
@@ -285,7 +334,7 @@ class Engine:
 
     def _seal(self, job: Job, outputs: dict[str, torch.Tensor]) -> Entry:
         entry = self.tiers.seal(job.key, {k: tensor_bytes(v) for k, v in outputs.items()}, job.meta)
-        self._bump("computed")
+        self._count(computed=1)
         return entry
 
     def _finish(self, enc: Encoder, item: Item, fut: Future, owner: Owner | None) -> Result:
@@ -301,23 +350,18 @@ class Engine:
         return DaemonError(f"{_describe(item.spec)} was evicted three times before it could be leased; "
                            f"shm_bytes is too small for the working set")
 
-    def _bump(self, counter: str, n: int = 1) -> None:
+    def _count(self, **counts: int) -> None:
         with self._mu:
-            self.counters[counter] += n
+            for name, n in counts.items():
+                self.counters[name] += n
+            self.counters["hits"] += counts.get("shm_hits", 0) + counts.get("disk_hits", 0)
 
     def close(self) -> None:
+        self.prefetcher.close()
         for b in self.batchers.values():
             b.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.tiers.close()
-
-
-def _stamp(spec: Spec) -> tuple[int, ...] | None:
-    try:
-        st = os.stat(spec.path)  # type: ignore[union-attr]
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _outcome(fut: Future) -> Held | CacheError:

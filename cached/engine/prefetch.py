@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from typing import TYPE_CHECKING
 
 from cached_client.errors import CacheError
 
-from .engine import Engine, Item
+if TYPE_CHECKING:
+    from .engine import Engine, Item
 
 __all__ = ["Prefetcher"]
 

@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cached_client.specs import ImageSpec
+from cached_client.specs import IMAGE_EXTENSIONS, ImageSpec
 
-__all__ = ["ImportItem", "Skip", "Result", "Reason", "Options", "IMAGE_EXTS", "summarize", "images_by_stem",
+__all__ = ["ImportItem", "Skip", "Result", "Reason", "Options", "IMAGE_EXTENSIONS", "summarize", "images_by_stem",
            "image_size", "check_latent", "SkipError", "guarded", "one_image"]
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 class Reason:
@@ -100,7 +99,7 @@ def images_by_stem(directory: str) -> dict[str, list[str]]:
         return found
     for name in names:
         stem, ext = os.path.splitext(name)
-        if ext.lower() in IMAGE_EXTS and os.path.isfile(os.path.join(directory, name)):
+        if ext.lower() in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(directory, name)):
             found.setdefault(stem, []).append(os.path.join(directory, name))
     return found
 

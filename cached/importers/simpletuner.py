@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from .base import (
-    IMAGE_EXTS,
+    IMAGE_EXTENSIONS,
     ImportItem,
     Options,
     Reason,
@@ -50,7 +50,7 @@ def cache_names(image_root: str) -> dict[str, list[str]]:
         sub = "" if sub == "." else sub
         for name in sorted(filenames):
             stem, ext = os.path.splitext(name)
-            if ext.lower() not in IMAGE_EXTS:
+            if ext.lower() not in IMAGE_EXTENSIONS:
                 continue
             path = os.path.join(dirpath, name)
             for cached in (hashlib.sha256(stem.encode()).hexdigest(), stem):

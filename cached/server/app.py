@@ -21,9 +21,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cached_client._proto import cache_pb2_grpc
 from cached_client.address import resolve_address, socket_path
 from cached_client.errors import CacheError
+from cached_client.procinfo import pid_namespace
 
 from ..encoders import WeightDigests, build_encoder
-from ..engine import EncoderOptions, Engine, Prefetcher, Sources, Tiers
+from ..engine import EncoderOptions, Engine, Sources, Tiers
 from ..store import Owner, ShmStore
 from ..store.disk import DiskTier
 from ..store.names import new_instance_id
@@ -40,14 +41,7 @@ MAX_MESSAGE = 256 << 20
 LEASE_SWEEP_S = 1.0
 
 
-def _own_pid_ns() -> int:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
-def owner_alive(owner: Owner, own_ns: int = _own_pid_ns()) -> bool:
+def owner_alive(owner: Owner, own_ns: int = pid_namespace()) -> bool:
     """False only when the owning process is surely gone; a pid in another namespace can't be checked."""
     pid, start_time, _, ns = owner
     if ns and own_ns and ns != own_ns:
@@ -149,7 +143,6 @@ class Daemon:
                              cfg.max_pixels, cfg.decode_workers or None)
         if not cfg.allowed_roots:
             log.warning("store.allowed_roots is empty: any file this daemon can read may be requested")
-        self.servicer.prefetcher = Prefetcher(self.engine)
         self.servicer.engine = self.engine
 
     def _set_health(self, status: int) -> None:
@@ -168,8 +161,6 @@ class Daemon:
         if self._server is not None:
             self._server.stop(grace).wait()
         self.servicer.engine = None
-        if self.servicer.prefetcher is not None:
-            self.servicer.prefetcher.close()
         if self.engine is not None:
             self.engine.close()  # finishes the disk writes in flight
         elif self.tiers is not None:

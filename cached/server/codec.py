@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 
 from cached_client._proto import cache_pb2 as pb
-from cached_client.errors import CacheError
-from cached_client.wire import HANDLE
+from cached_client.errors import CacheError, InvalidSpec
+from cached_client.wire import HANDLE, unpack_leases
 
-from ..engine import Held, Tiers
+from ..engine import Held
 from ..store import Owner, ShmStore
 
-__all__ = ["owner_of", "get_response", "item_errors", "warm_progress", "stats_response", "list_response",
+__all__ = ["owner_of", "lease_ids", "get_response", "item_errors", "warm_progress", "stats_response", "list_response",
            "import_progress"]
 
 
@@ -22,6 +22,14 @@ def owner_of(msg: pb.Owner) -> Owner | None:
     if not msg.pid:
         return None
     return (msg.pid, msg.start_time, msg.client_id, msg.pid_ns)
+
+
+def lease_ids(data: bytes) -> list[int]:
+    """Packed lease ids of a request; InvalidSpec when they are not whole uint64s."""
+    try:
+        return unpack_leases(data)
+    except ValueError as exc:
+        raise InvalidSpec(str(exc)) from None
 
 
 def item_errors(errors: list[tuple[int, CacheError]]) -> list[pb.ItemError]:
@@ -52,14 +60,12 @@ def warm_progress(p: dict[str, Any]) -> pb.WarmProgress:
                            errors=item_errors(p["errors"]))
 
 
-def stats_response(instance: str, uptime: float, tiers: Tiers, counters: dict[str, int],
-                   encoders: dict[str, dict[str, Any]]) -> pb.StatsResponse:
-    s = tiers.shm.stats()
+def stats_response(instance: str, uptime: float, stats: dict[str, Any]) -> pb.StatsResponse:
     return pb.StatsResponse(
         instance=instance, uptime_s=uptime,
-        tiers={name: pb.TierStats(**t) for name, t in tiers.stats().items()},
-        counters={**counters, "evictions": s["evictions"]}, leases=s["leases"],
-        encoders={name: _encoder_stats(info) for name, info in encoders.items()})
+        tiers={name: pb.TierStats(**t) for name, t in stats["tiers"].items()},
+        counters=stats["counters"], leases=stats["leases"],
+        encoders={name: _encoder_stats(info) for name, info in stats["encoders"].items()})
 
 
 def _encoder_stats(info: dict[str, Any]) -> pb.EncoderStats:

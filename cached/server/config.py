@@ -11,6 +11,8 @@ from typing import Any
 
 from cached_client.units import parse_size
 
+from ..store.compress import MODES as COMPRESSIONS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -20,7 +22,6 @@ __all__ = ["Config", "load_config"]
 
 log = logging.getLogger(__name__)
 
-COMPRESSIONS = ("none", "lz4")
 
 
 @dataclass
@@ -113,6 +114,6 @@ def _validate(cfg: Config) -> None:
     cfg.shm_capacity()  # parses shm_bytes, naming a bad value
     cfg.disk_capacity()
     if cfg.compression not in COMPRESSIONS:
-        raise ValueError(f"store.compression must be one of {COMPRESSIONS}, got {cfg.compression!r}")
+        raise ValueError(f"store.compression must be one of {sorted(COMPRESSIONS)}, got {cfg.compression!r}")
     if cfg.disk_dir and not os.path.isabs(cfg.disk_dir):
         raise ValueError(f"store.disk_dir must be an absolute path, got {cfg.disk_dir!r}")

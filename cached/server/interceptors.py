@@ -13,13 +13,12 @@ from typing import Any
 
 import grpc
 
-from cached_client.errors import CacheError
+from cached_client.errors import ERROR_METADATA, CacheError
 
 __all__ = ["ErrorInterceptor", "ERROR_METADATA"]
 
 log = logging.getLogger(__name__)
 
-ERROR_METADATA = "cached-error"
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:

@@ -1,4 +1,5 @@
-"""Where entries live: shared-memory arenas with leases and eviction (and, later, disk and S3 tiers).
+"""Where entries live: shared-memory arenas with leases and eviction (shm.py) and the persistent disk
+tier (disk.py).
 
 Knows nothing of gRPC or models.
 """

@@ -22,11 +22,12 @@ from typing import Any
 import lz4.block
 import numpy as np
 
-__all__ = ["CODECS", "NONE", "LZ4_SHUFFLE", "MIN_PLANE_SAVING", "shuffle", "unshuffle_into", "pack", "unpack"]
+__all__ = ["MODES", "CODECS", "NONE", "LZ4_SHUFFLE", "MIN_PLANE_SAVING", "shuffle", "unshuffle_into", "pack", "unpack"]
 
 NONE = "none"
 LZ4_SHUFFLE = "lz4+shuffle"
 CODECS = (NONE, LZ4_SHUFFLE)
+MODES = {"none": NONE, "lz4": LZ4_SHUFFLE}  # config.compression -> the codec entries are written with
 MIN_PLANE_SAVING = 1 / 32
 
 _UINT: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}

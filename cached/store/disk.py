@@ -44,11 +44,10 @@ from .diskformat import CorruptEntry
 from .diskindex import DiskIndex
 from .slot import TensorBytes
 
-__all__ = ["DiskTier", "DiskEntry", "COMPRESSIONS"]
+__all__ = ["DiskTier", "DiskEntry"]
 
 log = logging.getLogger(__name__)
 
-COMPRESSIONS = {"none": compress.NONE, "lz4": compress.LZ4_SHUFFLE}
 SUFFIX = ".safetensors"
 TOUCH_BATCH = 1024
 EVICT_BATCH = 64
@@ -98,13 +97,13 @@ class DiskTier:
                  touch_interval_s: float = 1.0, durable: bool = True) -> None:
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ValueError(f"disk_bytes must be a positive int, got {capacity_bytes!r}")
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, got {compression!r}")
+        if compression not in compress.MODES:
+            raise ValueError(f"compression must be one of {sorted(compress.MODES)}, got {compression!r}")
         self.directory = os.path.abspath(directory)
         self.capacity = capacity_bytes
         self.compression = compression
         self.durable = durable  # False skips fsync: for benchmarks and tests that fill a tier fast
-        self._codec = COMPRESSIONS[compression]
+        self._codec = compress.MODES[compression]
         self._touch_interval = touch_interval_s
         self._entries_dir = os.path.join(self.directory, "entries")
         self._tmp_dir = os.path.join(self.directory, "tmp")

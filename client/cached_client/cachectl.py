@@ -15,12 +15,11 @@ from typing import Any
 
 from .client import CacheClient
 from .errors import CacheError
-from .specs import CROPS, ImageSpec, Spec, TextSpec
+from .specs import CROPS, IMAGE_EXTENSIONS, ImageSpec, Spec, TextSpec
 from .units import format_bytes
 
 __all__ = ["main"]
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -11,10 +11,12 @@ import json
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["ImageSpec", "TextSpec", "Spec", "encode_specs", "decode_spec", "CROPS", "MAX_SIDE"]
+__all__ = ["ImageSpec", "TextSpec", "Spec", "encode_specs", "decode_spec", "CROPS", "MAX_SIDE", "IMAGE_EXTENSIONS"]
 
 CROPS = ("center", "random", "none")
 MAX_SIDE = 16384  # pixels; larger targets are refused as absurd
+# file extensions (lower case) that directory walks (cachectl warm, importers) take for images
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def _check_size(size: object) -> tuple[int, int]:
