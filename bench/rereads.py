@@ -111,8 +111,8 @@ def report(results: dict[str, dict[str, float]], reps: int) -> str:
         f"rounds of {reps}; in brackets the cost over the unprotected read. "
         f"{host['cpu']}, kernel {host['kernel']}. Command: `python bench/rereads.py`.",
         table(["method", *(f"us, {s}" for s in SIZES)], rows),
-        "The client checks the pagemap: it costs a small fraction of the gather that follows, and pages "
-        "are dropped (and faulted in again) only where a caller did write.",
+        "The client checks the pagemap: it costs less than any other way, and pages are dropped (and "
+        "faulted in again) only where a caller did write.",
     ])
 
 
