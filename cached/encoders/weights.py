@@ -3,6 +3,7 @@ not rehash gigabytes, and in-memory state dicts (for plugin modules)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -73,12 +74,14 @@ class WeightDigests:
         if not self.memo_path:
             return
         tmp = f"{self.memo_path}.tmp.{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
+        try:  # 0640 like the disk tier's files beside it, whatever the umask
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640), "w") as f:
                 json.dump(self._memo, f)
             os.replace(tmp, self.memo_path)
         except OSError as exc:
             log.warning("cannot save weight digest memo %s: %s", self.memo_path, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:

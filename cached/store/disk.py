@@ -1,6 +1,6 @@
 """The disk tier: entries that survive daemon restarts, reboots and kill -9, bounded by LRU eviction.
 
-    <directory>/
+    <directory>/                   0750; every file in it 0640, whatever the umask
         lock                       flock held by the one DiskTier using the directory (pid inside)
         index.sqlite (-wal, -shm)  the index: key, size, meta, last access (diskindex.py)
         entries/00/ .. entries/ff/ <key hex>.safetensors, sharded by the key's first byte (diskformat.py)
@@ -15,42 +15,49 @@ two aggregates from the index. The index records a clean close; when the last cl
 (kill -9, power loss) open also runs reconcile(): one listing of the shard directories (names only,
 no stat) that drops rows whose file is gone and adopts, after verifying it, any file renamed into
 place just before the crash and never committed. A row whose file vanished later is dropped by the
-get that finds it missing.
+get that finds it missing. A damaged index is moved aside and rebuilt from the files (diskrepair.py).
+
+Faults degrade the tier, never the daemon:
+- A write that fails (disk full, quota, read-only, permissions, SQLite "database or disk is full")
+  is a CapacityError counted in stats()["write_errors"] and logged at most once a minute; it leaves
+  no temp file, no file without a row and no row it could not keep. Room is made by LRU eviction for
+  both disk_bytes and what the filesystem really has free (FREE_RESERVE kept for the index's WAL),
+  and only where eviction can give it: space taken by other files is not chased (diskroom.py).
+- open_or_degrade() opens a directory it can't write read-only (an in-memory copy of the index),
+  and one it can't read either "off" (every get a miss), with one WARNING saying why.
+- close() never raises; a step that fails leaves the index marked unclean, so the next open repairs.
 
 Hits update the LRU clock in memory; those access times reach the index in batches (every
 `touch_interval_s` or 1024 hits), so a hit costs no write. All methods are thread-safe: index calls
 run under one lock, file reads and writes outside it.
+
+DiskTier holds the tier's state, its public methods and the index bookkeeping they share; each path
+through it lives in its own module: diskread.py (get), diskwrite.py (put), diskroom.py (what to evict
+for room), diskfaults.py (counting and logging faults), diskrepair.py (open, reconcile, rebuild).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
-import mmap
 import os
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from cached_client.errors import CapacityError
-
-from . import compress, diskformat
-from .diskformat import CorruptEntry
-from .diskindex import DiskIndex
+from . import compress, diskread, diskroom, diskwrite
+from .diskfaults import FaultLog
+from .diskindex import FAULTS, DiskIndex
+from .diskrepair import DirectoryInUse, open_degraded, open_read_write
 from .slot import TensorBytes
 
-__all__ = ["DiskTier", "DiskEntry"]
+__all__ = ["DiskTier", "DiskEntry", "DirectoryInUse", "MODES"]
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
-TOUCH_BATCH = 1024
-EVICT_BATCH = 64
+MODES = ("read-write", "read-only", "off")
 
 
 @dataclass(frozen=True)
@@ -64,85 +71,78 @@ class DiskEntry:
     atime: float
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data.nbytes:
-        data = data[os.write(fd, data):]
-
-
-def _hold_lock(path: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise ValueError(f"disk_dir {os.path.dirname(path)!r} is in use by another process (pid {holder})") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+def _check_arguments(capacity_bytes: int, compression: str, mode: str) -> None:
+    if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+        raise ValueError(f"disk_bytes must be a positive int, got {capacity_bytes!r}")
+    if compression not in compress.MODES:
+        raise ValueError(f"compression must be one of {sorted(compress.MODES)}, got {compression!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
 
 
 class DiskTier:
-    """Entries on local disk under `directory`, at most `capacity_bytes` of files, LRU-evicted."""
+    """Entries on local disk under `directory`, at most `capacity_bytes` of files, LRU-evicted.
+
+    `mode` "read-write" raises when the directory can't be used; "read-only" serves what is there
+    from an in-memory copy of the index and refuses puts; "off" serves nothing. open_or_degrade()
+    picks the first that works."""
+
+    _index: DiskIndex  # opened by diskrepair.open_read_write or open_degraded
 
     def __init__(self, directory: str, capacity_bytes: int, compression: str = "lz4", *,
-                 touch_interval_s: float = 1.0, durable: bool = True) -> None:
-        if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
-            raise ValueError(f"disk_bytes must be a positive int, got {capacity_bytes!r}")
-        if compression not in compress.MODES:
-            raise ValueError(f"compression must be one of {sorted(compress.MODES)}, got {compression!r}")
+                 touch_interval_s: float = 1.0, durable: bool = True, mode: str = "read-write") -> None:
+        _check_arguments(capacity_bytes, compression, mode)
         self.directory = os.path.abspath(directory)
         self.capacity = capacity_bytes
         self.compression = compression
         self.durable = durable  # False skips fsync: for benchmarks and tests that fill a tier fast
+        self.mode = mode
+        self.reason = ""  # why the tier is not read-write (open_or_degrade)
         self._codec = compress.MODES[compression]
         self._touch_interval = touch_interval_s
         self._entries_dir = os.path.join(self.directory, "entries")
         self._tmp_dir = os.path.join(self.directory, "tmp")
-        os.makedirs(self._entries_dir, exist_ok=True)
-        self._lock_fd: int | None = _hold_lock(os.path.join(self.directory, "lock"))
         self._lock = threading.Lock()
+        self._closed = False
+        self._lock_fd: int | None = None
         self._touches: dict[bytes, float] = {}
         self._last_flush = time.monotonic()
-        self._reserved = 0
-        self.counters = dict.fromkeys(("hits", "misses", "writes", "corrupt", "evictions", "evicted_bytes"), 0)
-        try:
-            self._open()
-        except BaseException:
-            self._release_lock()
-            raise
+        self._reserved = 0  # bytes of puts that made room and are still writing (diskwrite.py)
+        self._futile_until = 0.0  # monotonic time until which evicting for the filesystem is pointless
+        self.counters = dict.fromkeys(("hits", "misses", "writes", "corrupt", "evictions", "evicted_bytes",
+                                       "write_errors", "read_errors"), 0)
+        self._faults = FaultLog(self.directory, self.counters, self._lock)
+        self.entries = self.bytes = self.raw_bytes = 0
+        self._orphans: set[bytes] = set()  # rows whose file is removed but whose delete failed: never served
+        (open_read_write if mode == "read-write" else open_degraded)(self)
 
-    def _open(self) -> None:
-        wiped = self._wipe_tmp()
-        for i in range(256):
-            os.makedirs(os.path.join(self._entries_dir, f"{i:02x}"), exist_ok=True)
-        self._index = DiskIndex(os.path.join(self.directory, "index.sqlite"))
-        state = self._index.get_state("clean")
-        self._index.set_state("clean", "0")
-        self.entries, self.bytes, self.raw_bytes = self._index.totals()
-        if state != "1":  # None: a new index, maybe beside files whose index was deleted
-            if state == "0":
-                log.warning("disk tier %s was not closed cleanly; reconciling index and files", self.directory)
-            self.reconcile()
-        if self.bytes > self.capacity:  # disk_bytes was lowered since the last run
-            with self._lock:
-                self._evict_lru(self.bytes - self.capacity)
-        log.info("disk tier %s: %d entries, %d of %d bytes, compression %s%s", self.directory, self.entries,
-                 self.bytes, self.capacity, self.compression, f", {wiped} unfinished write(s) removed" if wiped else "")
+    @classmethod
+    def open_or_degrade(cls, directory: str, capacity_bytes: int, compression: str = "lz4", *,
+                        touch_interval_s: float = 1.0, durable: bool = True) -> DiskTier:
+        """The tier on `directory`, read-write; where that fails for a reason of the disk (read-only,
+        full, permissions, in use by another process, not a directory) the same tier read-only, and
+        where it can't be read either the tier "off". One WARNING says which and why. Raises only for
+        bad arguments: what the daemon calls, so a bad disk never stops it."""
+        _check_arguments(capacity_bytes, compression, "read-write")
+        reasons: list[str] = []
+        for mode in MODES:
+            try:
+                tier = cls(directory, capacity_bytes, compression, mode=mode, touch_interval_s=touch_interval_s,
+                           durable=durable)
+            except (*FAULTS, ValueError) as exc:
+                reasons.append(f"cannot {'write' if mode == 'read-write' else 'read'} it: {exc}")
+                continue
+            if reasons:
+                tier.reason = "; ".join(reasons)
+                log.warning("disk tier %s is %s (%s): %s", tier.directory, mode, tier.reason,
+                            "its entries are served, new ones stay in shared memory only" if mode == "read-only"
+                            else "entries are served from shared memory only")
+            return tier
+        raise AssertionError("mode 'off' always opens")
 
-    def _wipe_tmp(self) -> int:
-        n = len(os.listdir(self._tmp_dir)) if os.path.isdir(self._tmp_dir) else 0
-        shutil.rmtree(self._tmp_dir, ignore_errors=True)
-        os.makedirs(self._tmp_dir)
-        return n
+    @property
+    def writable(self) -> bool:
+        return self.mode == "read-write"
 
     def _path(self, key: bytes) -> str:
         if len(key) != 32:
@@ -151,151 +151,38 @@ class DiskTier:
         return os.path.join(self._entries_dir, hexkey[:2], hexkey + SUFFIX)
 
     def _check_open(self) -> None:
-        if self._lock_fd is None:
+        if self._closed:
             raise ValueError(f"disk tier {self.directory!r} is closed")
 
-    # reads
+    # index bookkeeping, shared by reads, writes, eviction and repair (lock held)
 
-    def contains(self, key: bytes) -> bool:
-        self._path(key)
-        with self._lock:
-            self._check_open()
-            return self._index.size_of(key) is not None
-
-    def get(self, key: bytes) -> tuple[dict[str, TensorBytes], dict[str, str]] | None:
-        """(tensors, meta) of a verified entry, or None. Tensors of an uncompressed entry are views of
-        a read-only mmap of its file; those of a compressed one views of one decoded buffer."""
-        path = self._path(key)
-        with self._lock:
-            self._check_open()
-            known = self._index.size_of(key) is not None
-            if not known:
-                self.counters["misses"] += 1
-                return None
+    def _unlink(self, path: str) -> bool:
+        """Removes an entry file (lock held); False, counted, when it is still there."""
         try:
-            buf, st = self._map(path)
+            os.unlink(path)
         except FileNotFoundError:
-            self._forget(key)
-            return None
+            pass
+        except OSError as exc:
+            self._faults.note("write_errors", f"removing {path}", exc)
+            return False
+        return True
+
+    def _forget_rows(self, keys: Iterable[bytes]) -> list[tuple[bytes, int, int]]:
+        """Deletes the rows of files that are gone, with those whose delete failed before (lock held):
+        (key, size, raw) of the rows deleted. Raises what the index raises (a full disk); the rows are
+        then kept aside, never served, and deleted by the next call."""
+        self._orphans.update(keys)
+        gone = self._index.delete(self._orphans)
+        self._orphans.clear()
+        self._account(gone)
+        return gone
+
+    def _forget_quietly(self, keys: list[bytes]) -> None:
+        """_forget_rows on the read path: a failure is only counted."""
         try:
-            entry = diskformat.decode(buf, key)
-        except CorruptEntry as exc:
-            self._drop_corrupt(key, path, st, exc)
-            return None
-        self._touch(key)
-        return entry
-
-    @staticmethod
-    def _map(path: str) -> tuple[memoryview, os.stat_result]:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if not st.st_size:
-                return memoryview(b""), st
-            mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
-        finally:
-            os.close(fd)
-        mm.madvise(mmap.MADV_WILLNEED)
-        return memoryview(mm), st
-
-    def _forget(self, key: bytes) -> None:
-        """A row whose file is gone (deleted by hand, or lost to a power cut): drop the row."""
-        with self._lock:
-            self.counters["misses"] += 1
-            if self._lock_fd is not None and not os.path.exists(self._path(key)):
-                self._account(self._index.delete([key]))
-
-    def _drop_corrupt(self, key: bytes, path: str, st: os.stat_result, exc: CorruptEntry) -> None:
-        log.warning("disk tier: removing damaged entry %s: %s", path, exc)
-        with self._lock:
-            self.counters["corrupt"] += 1
-            self.counters["misses"] += 1
-            try:
-                now = os.stat(path)
-            except FileNotFoundError:
-                return
-            if self._lock_fd is None:
-                return
-            if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):  # not a fresh copy written since
-                os.unlink(path)
-                self._account(self._index.delete([key]))
-
-    def _touch(self, key: bytes) -> None:
-        with self._lock:
-            self.counters["hits"] += 1
-            if self._lock_fd is None:  # closed while the file was read
-                return
-            self._touches[key] = time.time()
-            if len(self._touches) >= TOUCH_BATCH or time.monotonic() - self._last_flush >= self._touch_interval:
-                self._flush_touches()
-
-    def _flush_touches(self) -> None:
-        if self._touches:
-            self._index.touch(self._touches)
-            self._touches = {}
-        self._last_flush = time.monotonic()
-
-    # writes
-
-    def put(self, key: bytes, tensors: dict[str, TensorBytes], meta: dict[str, str]) -> int:
-        """Writes an entry through to disk (replacing any entry of that key); its size on disk.
-
-        CapacityError if the entry alone is larger than the tier, or the disk is full even after
-        evicting; ValueError for a bad key, dtype, shape or meta.
-        """
-        path = self._path(key)
-        enc = diskformat.encode(key, tensors, meta, self._codec)
-        if enc.size > self.capacity:
-            raise CapacityError(f"disk tier {self.directory}: an entry of {enc.size} bytes does not fit "
-                                f"disk_bytes={self.capacity}")
-        tmp = self._write_reserved(key, enc)
-        with self._lock:
-            self._reserved -= enc.size
-            if self._lock_fd is None:
-                os.unlink(tmp)
-                raise ValueError(f"disk tier {self.directory!r} was closed during a write")
-            os.replace(tmp, path)
-            old = self._index.upsert(key, enc.size, enc.raw_bytes, meta, time.time())
-            self._account([(key, *old)] if old else [], added=(enc.size, enc.raw_bytes))
-            self.counters["writes"] += 1
-        if self.durable:
-            _fsync_dir(os.path.dirname(path))
-        return enc.size
-
-    def _write_reserved(self, key: bytes, enc: diskformat.Encoded) -> str:
-        """Makes room for `enc` (evicting LRU entries), then writes it to a tmp file; its path."""
-        for attempt in range(2):
-            with self._lock:
-                self._check_open()
-                self._evict_lru(self.bytes + self._reserved + enc.size - self.capacity
-                                if attempt == 0 else 2 * enc.size)
-                self._reserved += enc.size
-            try:
-                return self._write_tmp(key, enc)
-            except OSError as exc:
-                with self._lock:
-                    self._reserved -= enc.size
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                log.warning("disk tier %s: disk full writing %d bytes (attempt %d)", self.directory, enc.size, attempt + 1)
-        free = shutil.disk_usage(self.directory).free
-        raise CapacityError(f"disk tier {self.directory}: no space left on the device ({free} bytes free) "
-                            f"even after evicting; lower disk_bytes or free the disk")
-
-    def _write_tmp(self, key: bytes, enc: diskformat.Encoded) -> str:
-        tmp = os.path.join(self._tmp_dir, f"{key.hex()}.{uuid.uuid4().hex[:12]}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        try:
-            for chunk in enc.chunks:
-                _write_all(fd, chunk)
-            if self.durable:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        return tmp
+            self._forget_rows(keys)
+        except FAULTS as exc:
+            self._faults.note("write_errors", "dropping index rows", exc)
 
     def _account(self, removed: Iterable[tuple[bytes, int, int]], added: tuple[int, int] = (0, 0)) -> None:
         for _, size, raw in removed:
@@ -307,32 +194,59 @@ class DiskTier:
             self.bytes += added[0]
             self.raw_bytes += added[1]
 
+    def _known(self, key: bytes) -> bool:
+        """Whether the index has a row for `key` (lock held); an index that can't be read knows nothing."""
+        try:
+            return key not in self._orphans and self._index.size_of(key) is not None
+        except FAULTS as exc:
+            self._faults.note("read_errors", "reading the index", exc)
+            return False
+
+    def _flush_touches(self) -> None:
+        """Writes the batched access times (lock held); ones that can't be written are dropped (counted)."""
+        touches, self._touches = self._touches, {}
+        self._last_flush = time.monotonic()
+        if touches:
+            try:
+                self._index.touch(touches)
+            except FAULTS as exc:
+                self._faults.note("write_errors", "writing access times", exc)
+
+    # reads and writes
+
+    _map = staticmethod(diskread.map_file)  # (diskrepair reads the files it adopts with it)
+
+    def contains(self, key: bytes) -> bool:
+        self._path(key)
+        with self._lock:
+            self._check_open()
+            return self._known(key)
+
+    def get(self, key: bytes) -> tuple[dict[str, TensorBytes], dict[str, str]] | None:
+        """(tensors, meta) of a verified entry, or None. Tensors of an uncompressed entry are views of
+        a read-only mmap of its file; those of a compressed one views of one decoded buffer."""
+        return diskread.get(self, key)
+
+    def put(self, key: bytes, tensors: dict[str, TensorBytes], meta: dict[str, str]) -> int:
+        """Writes an entry through to disk (replacing any entry of that key); its size on disk.
+
+        CapacityError when it can't be stored: larger than the tier, no room on the filesystem even
+        after the eviction that can help, a disk or index that can't be written (read-only, full,
+        permissions), or a tier that is not read-write. Counted in stats()["write_errors"]; nothing
+        of the write is left behind. ValueError for a bad key, dtype, shape or meta.
+        """
+        return diskwrite.put(self, key, tensors, meta)
+
     # eviction
 
-    def _evict_lru(self, need: int) -> None:
-        """Drops least recently used entries until `need` bytes are freed (lock held)."""
-        if need <= 0:
-            return
-        self._flush_touches()
-        while need > 0:
-            victims = self._index.oldest(EVICT_BATCH)
-            if not victims:
-                return
-            for key, _ in victims:
-                need -= self._drop([key])[1]
-                if need <= 0:
-                    return
+    def _evict_lru(self, need: int) -> int:
+        """diskroom.evict_lru (lock held); diskrepair evicts down to a lowered disk_bytes with it."""
+        return diskroom.evict_lru(self, need)
 
     def _drop(self, keys: Iterable[bytes]) -> tuple[int, int]:
-        """Unlinks the files, then deletes the rows (lock held): (entries, bytes) dropped."""
-        keys = list(keys)
-        for key in keys:
-            try:
-                os.unlink(self._path(key))
-            except FileNotFoundError:
-                pass
-        gone = self._index.delete(keys)
-        self._account(gone)
+        """Unlinks the files, then deletes the rows of those that are gone (lock held): (entries,
+        bytes) dropped. A file that can't be removed keeps its row."""
+        gone = self._forget_rows([key for key in keys if self._unlink(self._path(key))])
         freed = sum(size for _, size, _ in gone)
         self.counters["evictions"] += len(gone)
         self.counters["evicted_bytes"] += freed
@@ -343,18 +257,19 @@ class DiskTier:
         with self._lock:
             self._check_open()
             self._flush_touches()
-            rows = self._index.rows()
+            rows = [row for row in self._index.rows() if row[0] not in self._orphans]
         return [DiskEntry(key, size, raw, json.loads(meta), atime) for key, size, raw, meta, atime in rows]
 
     def evict(self, match: Callable[[DiskEntry], bool]) -> tuple[int, int]:
-        """Drops the entries for which `match` is true: (entries, bytes freed)."""
+        """Drops the entries for which `match` is true: (entries, bytes freed). CapacityError when
+        the index can't be written; files that can't be removed (read-only disk) stay, not counted."""
         keys = [e.key for e in self.list_entries() if match(e)]
-        with self._lock:
+        with self._faults.capacity_errors("evicting"), self._lock:
             self._check_open()
             return self._drop(keys)
 
     def evict_all(self) -> tuple[int, int]:
-        with self._lock:
+        with self._faults.capacity_errors("evicting"), self._lock:
             self._check_open()
             return self._drop(self._index.keys())
 
@@ -368,20 +283,49 @@ class DiskTier:
         return reconcile(self)
 
     def stats(self) -> dict[str, int]:
+        """Sizes and counters; `read_only` is 1 when puts are refused (read-only or off), `off` 1 when
+        the tier serves nothing."""
         with self._lock:
             return {"entries": self.entries, "bytes": self.bytes, "raw_bytes": self.raw_bytes,
-                    "capacity_bytes": self.capacity, **self.counters}
+                    "capacity_bytes": self.capacity, **self.counters,
+                    "read_only": int(not self.writable), "off": int(self.mode == "off")}
 
     def close(self) -> None:
-        """Flushes access times, records a clean close and releases the directory. Idempotent."""
+        """Flushes access times, records a clean close and releases the directory. Idempotent. Never
+        raises: a step that fails (a full or read-only disk) is logged in one line and the others
+        still run; the index then stays marked unclean, so the next open reconciles."""
         with self._lock:
-            if self._lock_fd is None:
+            if self._closed:
                 return
-            self._flush_touches()
+            self._closed = True
+            failed: list[str] = []
+            try:
+                for what, step in self._close_steps():
+                    try:
+                        step()
+                    except Exception as exc:  # each step runs whatever the others did
+                        self._faults.unclean = True
+                        failed.append(f"{what}: {exc}")
+            finally:
+                self._release_lock()
+            if failed:
+                log.warning("disk tier %s closed, but %s; the next open reconciles", self.directory,
+                            "; ".join(failed))
+
+    def _close_steps(self) -> list[tuple[str, Callable[[], object]]]:
+        """What close() runs, in order: a tier that may not write only closes its index."""
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("writing access times", self._flush_touches),
+            ("dropping rows of removed files", lambda: self._orphans and self._forget_rows(())),
+            ("recording a clean close", self._mark_clean),
+            ("checkpointing the index", self._index.checkpoint),
+        ] if self.writable else []
+        return [*steps, ("closing the index", self._index.close)]
+
+    def _mark_clean(self) -> None:
+        """Records a clean close, unless something was left for the next open to reconcile."""
+        if not self._faults.unclean:
             self._index.set_state("clean", "1")
-            self._index.checkpoint()
-            self._index.close()
-            self._release_lock()
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
