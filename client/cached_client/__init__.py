@@ -10,6 +10,7 @@ Imports nothing heavier than grpcio, protobuf, numpy and psutil; torch is used w
 
 from .client import CacheClient, WarmResult
 from .errors import (
+    Busy,
     CacheError,
     CacheMiss,
     Cancelled,
@@ -19,9 +20,12 @@ from .errors import (
     DeadlineExceeded,
     EncoderError,
     InvalidSpec,
+    LimitExceeded,
+    PermissionDenied,
     ProtocolError,
     SourceError,
     SourceNotAllowed,
+    Unauthenticated,
     UnknownEncoder,
 )
 from .specs import ImageSpec, TextSpec
@@ -29,9 +33,9 @@ from .views import Entry
 
 __all__ = [
     "CacheClient", "WarmResult", "Entry", "ImageSpec", "TextSpec",
-    "CacheError", "CacheMiss", "Cancelled", "CapacityError", "DaemonError", "DaemonUnavailable",
-    "DeadlineExceeded", "EncoderError", "InvalidSpec", "ProtocolError", "SourceError", "SourceNotAllowed",
-    "UnknownEncoder",
+    "Busy", "CacheError", "CacheMiss", "Cancelled", "CapacityError", "DaemonError", "DaemonUnavailable",
+    "DeadlineExceeded", "EncoderError", "InvalidSpec", "LimitExceeded", "PermissionDenied", "ProtocolError",
+    "SourceError", "SourceNotAllowed", "Unauthenticated", "UnknownEncoder",
 ]
 
 __version__ = "0.1.0"

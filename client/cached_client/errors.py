@@ -5,18 +5,26 @@ per-item failures inside a batch, as a code plus class name), and the client tur
 the class here. Every gRPC status code maps to exactly one class.
 
     CacheError                                   base of everything cached raises
-    ├── DaemonUnavailable (ConnectionError)      UNAVAILABLE: no daemon at the address, after retries
+    ├── DaemonUnavailable (ConnectionError)      UNAVAILABLE: no daemon at the address, after retries,
+    │                                            or its shared memory is not visible in this process
     ├── DeadlineExceeded (TimeoutError)          DEADLINE_EXCEEDED: the call outlived its timeout
     ├── Cancelled                                CANCELLED: the call was cancelled
     ├── CacheMiss (KeyError)                     NOT_FOUND: not cached and compute=False
-    ├── InvalidSpec (ValueError)                 INVALID_ARGUMENT, OUT_OF_RANGE: malformed or absurd spec
+    ├── InvalidSpec (ValueError)                 INVALID_ARGUMENT, OUT_OF_RANGE: malformed request or spec
     │   └── UnknownEncoder                       no encoder of that name is configured
     ├── SourceError (OSError)                    FAILED_PRECONDITION: missing file, not an image, bomb
-    │   └── SourceNotAllowed (PermissionError)   PERMISSION_DENIED: outside the daemon's allowed_roots
+    │   └── SourceNotAllowed                     outside allowed_roots, or not readable by the caller
+    ├── PermissionDenied (PermissionError)       PERMISSION_DENIED: the caller may not do this (or,
+    │   │                                        client side, map the daemon's shared memory)
+    │   ├── SourceNotAllowed                     (also a SourceError)
+    │   └── Unauthenticated                      UNAUTHENTICATED: no session, or a wrong TCP token
     ├── CapacityError (MemoryError)              RESOURCE_EXHAUSTED: shared memory or disk is full
+    │   └── LimitExceeded                        a request bound or a per-client cap was hit
+    │       └── Busy                             too many calls in flight (retried by the client)
     ├── EncoderError                             ABORTED: the encoder failed on this item
-    ├── ProtocolError                            UNIMPLEMENTED, ALREADY_EXISTS: client and daemon disagree
-    └── DaemonError                              UNKNOWN, INTERNAL, DATA_LOSS, UNAUTHENTICATED: a daemon bug
+    ├── ProtocolError                            UNIMPLEMENTED, ALREADY_EXISTS: client and daemon disagree,
+    │                                            or a reply that does not decode
+    └── DaemonError                              UNKNOWN, INTERNAL, DATA_LOSS: a daemon bug
 """
 
 from __future__ import annotations
@@ -31,7 +39,11 @@ __all__ = [
     "UnknownEncoder",
     "SourceError",
     "SourceNotAllowed",
+    "PermissionDenied",
+    "Unauthenticated",
     "CapacityError",
+    "LimitExceeded",
+    "Busy",
     "EncoderError",
     "ProtocolError",
     "DaemonError",
@@ -56,7 +68,8 @@ class CacheError(Exception):
 
 
 class DaemonUnavailable(CacheError, ConnectionError):
-    """No daemon answered at the address within the client's connect timeout."""
+    """No daemon answered at the address within the client's connect timeout, or the shared memory
+    its reply named is not there (it restarted, or this container does not share its shm directory)."""
 
     code = "UNAVAILABLE"
 
@@ -80,7 +93,8 @@ class CacheMiss(CacheError, KeyError):
 
 
 class InvalidSpec(CacheError, ValueError):
-    """The request is malformed: a bad size, crop or flip, an empty batch item, unparsable JSON."""
+    """The request is malformed: bytes that are no request, a bad size, crop, flip, path or text, an
+    empty batch item, a line that is not a spec. The message names the bad value."""
 
     code = "INVALID_ARGUMENT"
 
@@ -95,16 +109,38 @@ class SourceError(CacheError, OSError):
     code = "FAILED_PRECONDITION"
 
 
-class SourceNotAllowed(SourceError, PermissionError):
-    """The source resolves (after `..` and symlinks) outside the daemon's allowed_roots."""
+class PermissionDenied(CacheError, PermissionError):
+    """The caller may not do this (e.g. lease over TCP, read a segment of a daemon of another group)."""
 
     code = "PERMISSION_DENIED"
+
+
+class SourceNotAllowed(SourceError, PermissionDenied):
+    """The source is outside the daemon's allowed_roots, or the caller could not read it itself."""
+
+    code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(PermissionDenied):
+    """The call carries no session the daemon issued (it restarted), or a wrong TCP token."""
+
+    code = "UNAUTHENTICATED"
 
 
 class CapacityError(CacheError, MemoryError):
     """Shared memory (or disk) is too small or full of entries that clients still hold."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class LimitExceeded(CapacityError):
+    """A bound was hit: items or bytes in a request, a source's size, decoded bytes in flight,
+    leases one client holds. The message names the bound and its config key."""
+
+
+class Busy(LimitExceeded):
+    """The daemon has limits.max_calls calls in flight; the client retries by itself until its
+    connect_timeout, so a caller sees this only when the daemon stays busy that long."""
 
 
 class EncoderError(CacheError):
@@ -114,7 +150,7 @@ class EncoderError(CacheError):
 
 
 class ProtocolError(CacheError):
-    """Client and daemon disagree about the protocol (different versions)."""
+    """Client and daemon disagree about the protocol (different versions), or a reply does not decode."""
 
     code = "UNIMPLEMENTED"
 
@@ -127,7 +163,8 @@ class DaemonError(CacheError):
 
 _BY_NAME: dict[str, type[CacheError]] = {cls.__name__: cls for cls in (
     CacheError, DaemonUnavailable, DeadlineExceeded, Cancelled, CacheMiss, InvalidSpec, UnknownEncoder,
-    SourceError, SourceNotAllowed, CapacityError, EncoderError, ProtocolError, DaemonError,
+    SourceError, SourceNotAllowed, PermissionDenied, Unauthenticated, CapacityError, LimitExceeded, Busy,
+    EncoderError, ProtocolError, DaemonError,
 )}
 
 # Every grpc.StatusCode except OK; tests/test_errors.py checks that none is missing.
@@ -138,7 +175,7 @@ _BY_CODE: dict[str, type[CacheError]] = {
     "DEADLINE_EXCEEDED": DeadlineExceeded,
     "NOT_FOUND": CacheMiss,
     "ALREADY_EXISTS": ProtocolError,
-    "PERMISSION_DENIED": SourceNotAllowed,
+    "PERMISSION_DENIED": PermissionDenied,
     "RESOURCE_EXHAUSTED": CapacityError,
     "FAILED_PRECONDITION": SourceError,
     "ABORTED": EncoderError,
@@ -147,7 +184,7 @@ _BY_CODE: dict[str, type[CacheError]] = {
     "INTERNAL": DaemonError,
     "UNAVAILABLE": DaemonUnavailable,
     "DATA_LOSS": DaemonError,
-    "UNAUTHENTICATED": DaemonError,
+    "UNAUTHENTICATED": Unauthenticated,
 }
 
 

@@ -3,6 +3,12 @@
 Specs are plain, hashable, picklable values. Each knows its compact wire form, one line of JSON made
 once at construction; a batch travels as those lines joined by newlines in a single bytes field, so
 packing 256 specs is one join, and the daemon can remember each line's key.
+
+Validation lives here, once, for both ends: the client checks a spec when it is made, the daemon
+checks every line it decodes (`decode_spec`) with the same functions. Whatever a line holds, it costs
+at most a parse bounded by its length (itself bounded before parsing) and fails with one InvalidSpec
+line naming the bad value; no NUL byte, relative path or absurdly long or deep path gets past it to
+the filesystem.
 """
 
 from __future__ import annotations
@@ -10,37 +16,113 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["ImageSpec", "TextSpec", "Spec", "encode_specs", "decode_spec", "CROPS", "MAX_SIDE", "IMAGE_EXTENSIONS"]
+from .errors import InvalidSpec
+
+__all__ = ["ImageSpec", "TextSpec", "Spec", "encode_specs", "decode_spec", "check_path", "check_text",
+           "line_limit", "CROPS", "MAX_SIDE", "MAX_PATH_BYTES", "MAX_PATH_DEPTH", "MAX_TEXT_BYTES",
+           "MAX_LINE_BYTES", "IMAGE_EXTENSIONS"]
 
 CROPS = ("center", "random", "none")
 MAX_SIDE = 16384  # pixels; larger targets are refused as absurd
 # file extensions (lower case) that directory walks (cachectl warm, importers) take for images
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
+# Bounds on one spec: the defaults of decode_spec's parameters (the daemon's config may set its own)
+# and what a spec made here is checked against.
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux: the kernel refuses a longer path anyway
+MAX_PATH_DEPTH = 256   # components: realpath costs depth x length, minutes for 2M `a/` components
+MAX_TEXT_BYTES = 64 << 10  # UTF-8; far above any tokenizer's max_length, far below a memory problem
+
+
+def line_limit(max_path_bytes: int = MAX_PATH_BYTES, max_text_bytes: int = MAX_TEXT_BYTES) -> int:
+    """The longest wire line a valid spec can have: JSON's ASCII escapes (\\u00XX, \\udcXX for a path
+    byte that is not UTF-8) take at most 6 bytes per byte of path or text, plus the other fields."""
+    return 6 * max(max_path_bytes, max_text_bytes) + 256
+
+
+MAX_LINE_BYTES = line_limit()  # longer lines are refused before they are parsed
+
+
+def _short(value: object) -> str:
+    """The repr of a bad value, cut to fit in one log line."""
+    text = repr(value)
+    return text if len(text) <= 100 else f"{text[:100]}... ({len(text)} chars)"
+
+
+def _as_str(path: object) -> str:
+    try:
+        p = os.fspath(path)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidSpec(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+    return os.fsdecode(p) if isinstance(p, bytes) else p
+
+
+def check_path(path: object, *, max_bytes: int = MAX_PATH_BYTES, max_depth: int = MAX_PATH_DEPTH) -> str:
+    """`path` when it is a path the daemon may resolve: a non-empty absolute str, no NUL byte, at most
+    `max_bytes` bytes and `max_depth` components; InvalidSpec naming the value otherwise."""
+    if not isinstance(path, str) or not path:
+        raise InvalidSpec(f"path must be a non-empty string, got {_short(path)}")
+    if "\0" in path:
+        raise InvalidSpec(f"path must not contain NUL bytes, got {_short(path)}")
+    if not path.startswith("/"):
+        raise InvalidSpec(f"path must be absolute, got {_short(path)}")
+    try:
+        size = len(path) if len(path) > max_bytes else len(os.fsencode(path))
+    except UnicodeEncodeError as exc:  # a lone surrogate that is no escaped byte
+        raise InvalidSpec(f"path is not valid UTF-8 at character {exc.start}: {_short(path)}") from None
+    if size > max_bytes:
+        raise InvalidSpec(f"path is longer than {max_bytes} bytes ({size}): {_short(path)}")
+    depth = path.count("/")
+    if depth > max_depth:
+        raise InvalidSpec(f"path is deeper than {max_depth} components ({depth}): {_short(path)}")
+    return path
+
+
+def check_text(text: object, *, max_bytes: int = MAX_TEXT_BYTES, what: str = "text") -> str:
+    """`text` when it is a str of valid UTF-8 without NUL bytes, at most `max_bytes` bytes encoded;
+    InvalidSpec naming `what` and the value otherwise."""
+    if not isinstance(text, str):
+        raise InvalidSpec(f"{what} must be a str, got {type(text).__name__}")
+    if "\0" in text:
+        raise InvalidSpec(f"{what} must not contain NUL bytes, got {_short(text)}")
+    try:
+        size = len(text) if len(text) > max_bytes else len(text.encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidSpec(f"{what} is not valid UTF-8 (a lone surrogate at character {exc.start})") from None
+    if size > max_bytes:
+        raise InvalidSpec(f"{what} is longer than {max_bytes} bytes of UTF-8 ({size}): {_short(text)}")
+    return text
+
 
 def _check_size(size: object) -> tuple[int, int]:
     if not (isinstance(size, (tuple, list)) and len(size) == 2):
-        raise ValueError(f"size must be (width, height), got {size!r}")
+        raise InvalidSpec(f"size must be (width, height), got {_short(size)}")
     w, h = size
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (w, h)):
-        raise ValueError(f"size must be two ints, got {size!r}")
+        raise InvalidSpec(f"size must be two ints, got {_short(size)}")
     if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
-        raise ValueError(f"size must be within 1..{MAX_SIDE} on each side, got {size!r}")
+        raise InvalidSpec(f"size must be within 1..{MAX_SIDE} on each side, got {_short(size)}")
     return (w, h)
 
 
 def _check_crop(crop: object) -> str | tuple[int, int, int, int]:
-    if isinstance(crop, str):
-        if crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS} or a (left, top, right, bottom) box, got {crop!r}")
+    if isinstance(crop, str) and crop in CROPS:
         return crop
-    if isinstance(crop, (tuple, list)) and len(crop) == 4 and all(isinstance(v, int) for v in crop):
+    if isinstance(crop, (tuple, list)) and len(crop) == 4 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in crop):
         left, top, right, bottom = crop
         if not (0 <= left < right and 0 <= top < bottom):
-            raise ValueError(f"crop box must have 0 <= left < right and 0 <= top < bottom, got {crop!r}")
+            raise InvalidSpec(f"crop box must have 0 <= left < right and 0 <= top < bottom, got {_short(crop)}")
         return (left, top, right, bottom)
-    raise ValueError(f"crop must be one of {CROPS} or a (left, top, right, bottom) box, got {crop!r}")
+    raise InvalidSpec(f"crop must be one of {CROPS} or a (left, top, right, bottom) box, got {_short(crop)}")
+
+
+def _check_flip(flip: object) -> bool:
+    if not isinstance(flip, bool):
+        raise InvalidSpec(f"flip must be a bool, got {_short(flip)}")
+    return flip
 
 
 @dataclass(frozen=True)
@@ -50,6 +132,7 @@ class ImageSpec:
     `crop` is "center", "random" (seeded from the spec: the same spec is always the same crop),
     "none" (stretch to `size`), or a (left, top, right, bottom) box in source pixels.
     The path is made absolute here, since the daemon does not share the caller's working directory.
+    A bad value raises InvalidSpec (a ValueError) naming it.
     """
 
     path: str
@@ -59,16 +142,25 @@ class ImageSpec:
     _wire: bytes = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        path = os.path.abspath(os.fspath(self.path))
-        size = _check_size(self.size)
-        crop = _check_crop(self.crop)
-        if not isinstance(self.flip, bool):
-            raise ValueError(f"flip must be a bool, got {self.flip!r}")
+        self._fill(check_path(os.path.abspath(_as_str(self.path))), self.size, self.crop, self.flip)
+
+    @classmethod
+    def _of_checked_path(cls, path: str, size: object, crop: object, flip: object) -> ImageSpec:
+        """A spec whose path the caller checked against its own bounds (decode_spec)."""
+        spec = object.__new__(cls)
+        spec._fill(path, size, crop, flip)
+        return spec
+
+    def _fill(self, path: str, size: object, crop: object, flip: object) -> None:
+        size = _check_size(size)
+        crop = _check_crop(crop)
+        flip = _check_flip(flip)
         object.__setattr__(self, "path", path)
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "crop", crop)
+        object.__setattr__(self, "flip", flip)
         wire_crop = list(crop) if isinstance(crop, tuple) else crop
-        object.__setattr__(self, "_wire", _line(["i", path, size[0], size[1], wire_crop, self.flip]))
+        object.__setattr__(self, "_wire", _line(["i", path, size[0], size[1], wire_crop, flip]))
 
     def wire_json(self) -> str:
         return self._wire.decode()
@@ -76,15 +168,24 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class TextSpec:
-    """A text prompt for a text encoder."""
+    """A text prompt for a text encoder: a str of valid UTF-8, no NUL byte, at most MAX_TEXT_BYTES."""
 
     text: str
     _wire: bytes = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.text, str):
-            raise ValueError(f"text must be a str, got {type(self.text).__name__}")
-        object.__setattr__(self, "_wire", _line(["t", self.text]))
+        self._fill(check_text(self.text))
+
+    @classmethod
+    def _of_checked_text(cls, text: str) -> TextSpec:
+        """A spec whose text the caller checked against its own bound (decode_spec)."""
+        spec = object.__new__(cls)
+        spec._fill(text)
+        return spec
+
+    def _fill(self, text: str) -> None:
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "_wire", _line(["t", text]))
 
     def wire_json(self) -> str:
         return self._wire.decode()
@@ -103,20 +204,36 @@ def encode_specs(specs: list[Spec]) -> bytes:
         return b"\n".join([s._wire for s in specs])
     except AttributeError:
         bad = next(s for s in specs if not isinstance(s, (ImageSpec, TextSpec)))
-        raise TypeError(f"specs must be ImageSpec or TextSpec, got {type(bad).__name__}") from None
+        raise InvalidSpec(f"specs must be ImageSpec or TextSpec, got {type(bad).__name__}") from None
 
 
-def decode_spec(line: bytes) -> Spec:
-    """One line of a packed batch back into a spec; ValueError names what is wrong."""
-    try:
-        item = json.loads(line)
-    except ValueError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if isinstance(item, list) and item and item[0] == "i" and len(item) == 6:
+def decode_spec(line: bytes, *, max_path_bytes: int = MAX_PATH_BYTES, max_path_depth: int = MAX_PATH_DEPTH,
+                max_text_bytes: int = MAX_TEXT_BYTES) -> Spec:
+    """One line of a packed batch back into a spec; InvalidSpec (a ValueError) names what is wrong.
+
+    Paths on the wire must be absolute: the client made them so, and a relative one would resolve
+    against the daemon's working directory."""
+    limit = line_limit(max_path_bytes, max_text_bytes)
+    if len(line) > limit:
+        raise InvalidSpec(f"spec line is longer than {limit} bytes ({len(line)})")
+    item = _parse(line)
+    if isinstance(item, list) and len(item) == 6 and item[0] == "i":
         _, path, w, h, crop, flip = item
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"image path must be a non-empty string, got {path!r}")
-        return ImageSpec(path, (w, h), tuple(crop) if isinstance(crop, list) else crop, flip)
+        path = check_path(path, max_bytes=max_path_bytes, max_depth=max_path_depth)
+        return ImageSpec._of_checked_path(os.path.normpath(path), (w, h),
+                                          tuple(crop) if isinstance(crop, list) else crop, flip)
     if isinstance(item, list) and len(item) == 2 and item[0] == "t":
-        return TextSpec(item[1])
-    raise ValueError(f"not a spec: {item!r:.200}")
+        return TextSpec._of_checked_text(check_text(item[1], max_bytes=max_text_bytes))
+    raise InvalidSpec(f"not a spec: {_short(item)}")
+
+
+def _parse(line: bytes) -> Any:
+    """The JSON value of a line of UTF-8 (never another encoding json.loads would guess from bytes)."""
+    try:
+        return json.loads(line.decode())
+    except UnicodeDecodeError as exc:
+        raise InvalidSpec(f"spec line is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except RecursionError:
+        raise InvalidSpec("spec line is nested too deeply to be a spec") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more digits than int() takes
+        raise InvalidSpec(f"spec line is not JSON: {exc}") from None

@@ -15,6 +15,7 @@ the process when the last view died, which makes the lease idle (see handles.py)
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -26,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from .errors import CacheError, CapacityError, DaemonError, DaemonUnavailable, PermissionDenied
 from .specs import Spec
 from .wire import Layout
 
-__all__ = ["Segment", "Lease", "Entry", "HAVE_TORCH", "PAGE"]
+__all__ = ["Segment", "Lease", "Entry", "HAVE_TORCH", "PAGE", "shm_error"]
 
 try:
     import torch
@@ -74,13 +76,39 @@ class _Pagemap:
 
 _PAGEMAP = _Pagemap()
 
+# why this process can't open or map a file of the daemon's shared memory, by errno
+_SHM_ERRORS: dict[int, tuple[type[CacheError], str]] = {
+    errno.EACCES: (PermissionDenied, "this user may not read the daemon's shared memory: join its group"),
+    errno.EPERM: (PermissionDenied, "this user may not read the daemon's shared memory: join its group"),
+    errno.ENOENT: (DaemonUnavailable, "gone: the daemon restarted, or this process (a container?) does "
+                                      "not share its shm directory"),
+    errno.ENOMEM: (CapacityError, "out of memory or address space in this process"),
+    errno.EMFILE: (CapacityError, "too many open files in this process"),
+    errno.ENFILE: (CapacityError, "too many open files on this machine"),
+}
+
+
+def shm_error(path: str, exc: OSError | ValueError) -> CacheError:
+    """The CacheError for a failure to open or map the daemon's shm file `path` (a segment or its
+    control page); DaemonError for an errno with no better meaning (or a file mmap refuses)."""
+    cls, why = _SHM_ERRORS.get(getattr(exc, "errno", None) or 0, (DaemonError, "can't be mapped"))
+    return cls(f"{path}: {why} ({getattr(exc, 'strerror', None) or exc})")
+
 
 class Segment:
     """One shared-memory arena mapped into this process, for as long as the process lives."""
 
     def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # kept: clean copies are read from it
-        self.map = mmap.mmap(self.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        """Maps the segment at `path`; a CacheError (shm_error) when this process can't."""
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # kept: clean copies are read from it
+        except OSError as exc:
+            raise shm_error(path, exc) from exc
+        try:
+            self.map = mmap.mmap(self.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError) as exc:  # ValueError: an empty file
+            os.close(self.fd)
+            raise shm_error(path, exc) from exc
         self.address = np.frombuffer(self.map, dtype=np.uint8, count=1).ctypes.data
         self.path = path
 
@@ -106,8 +134,12 @@ class Segment:
     def clean_copy(self, offset: int, length: int) -> np.ndarray:
         """The range's sealed bytes, read from the segment into private memory."""
         buf = bytearray(length)
-        if os.preadv(self.fd, [buf], offset) != length:
-            raise OSError(f"short read of {length} bytes at {offset} from {self.path}")
+        try:
+            n = os.preadv(self.fd, [buf], offset)
+        except OSError as exc:
+            raise shm_error(self.path, exc) from exc
+        if n != length:
+            raise DaemonError(f"{self.path}: short read of {length} bytes at {offset}: the segment shrank")
         return np.frombuffer(buf, dtype=np.uint8)
 
 

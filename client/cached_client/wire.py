@@ -2,15 +2,22 @@
 
 A handle says where an entry's bytes are: segment id, byte offset and length of its slot, the slot's
 generation, the layout id of its tensor table, and the lease the client now holds on it.
+
+A reply that does not decode (an array of the wrong length, ids it does not define, a tensor table
+that is not one) is a ProtocolError: the client and the daemon disagree about the protocol.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Container
 
 import numpy as np
 
-__all__ = ["HANDLE", "pack_leases", "unpack_leases", "encode_layout", "decode_layout", "Layout"]
+from .errors import ProtocolError
+
+__all__ = ["HANDLE", "pack_leases", "unpack_leases", "unpack_handles", "encode_layout", "decode_layout",
+           "Layout"]
 
 HANDLE = np.dtype([
     ("key", "S32"),       # raw blake2b-256 digest (numpy drops its trailing zero bytes on read: pad)
@@ -36,9 +43,32 @@ def unpack_leases(data: bytes) -> list[int]:
     return np.frombuffer(data, dtype="<u8").tolist()
 
 
+def unpack_handles(data: bytes, count: int, failed: Collection[int], segments: Container[int],
+                   layouts: Container[int]) -> list[tuple]:
+    """The `count` records of a reply's handles, as tuples (fast to unpack); ProtocolError unless there
+    are exactly that many, every failed index is an item, and every other item names a segment and a
+    layout of the reply."""
+    if len(data) != count * HANDLE.itemsize:
+        raise ProtocolError(f"reply has {len(data)} bytes of handles for {count} items of "
+                            f"{HANDLE.itemsize} bytes: client and daemon disagree about the format")
+    if any(not 0 <= j < count for j in failed):
+        raise ProtocolError(f"reply has errors for items {sorted(failed)[:5]}... of a batch of {count}")
+    records = np.frombuffer(data, dtype=HANDLE)
+    held = np.delete(records, list(failed)) if failed else records
+    for name, known in (("segment", segments), ("layout", layouts)):
+        unknown = [i for i in set(held[name].tolist()) if i not in known]  # a few ids: cheaper than per item
+        if unknown:
+            raise ProtocolError(f"reply items name {name} ids {unknown[:5]}, which the reply does not define")
+    return records.tolist()
+
+
 def encode_layout(layout: Layout) -> str:
     return json.dumps([[n, d, list(s), o, b] for n, d, s, o, b in layout], separators=(",", ":"))
 
 
 def decode_layout(text: str) -> Layout:
-    return tuple((n, d, tuple(s), o, b) for n, d, s, o, b in json.loads(text))
+    """A tensor table from its JSON; ProtocolError when it is not one."""
+    try:
+        return tuple((str(n), str(d), tuple(int(v) for v in s), int(o), int(b)) for n, d, s, o, b in json.loads(text))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ProtocolError(f"reply has a tensor table that is not one ({exc}): {text[:80]!r}") from None
