@@ -40,14 +40,14 @@ def _in_process(vae_dir: str, paths: list[str], size: int, decode: bool) -> floa
     import torch
 
     from cached.encoders import build_encoder
-    from cached.images import prepare_image
+    from cached.images import open_image, prepare_image
     from cached_client import ImageSpec
 
     enc = build_encoder("vae", {"kind": "diffusers-vae", "path": vae_dir})
 
     def load(p: str) -> np.ndarray:
         with open(p, "rb") as f:
-            return prepare_image(f.read(), ImageSpec(p, (size, size)), 0)
+            return prepare_image(open_image(f.read(), p), ImageSpec(p, (size, size)), 0)
 
     tensors = None if decode else [load(p) for p in paths]
     enc.encode(torch.from_numpy(np.stack([load(paths[0])])), [0])  # warm-up

@@ -14,26 +14,40 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cached_client.errors import InvalidSpec, SourceError
 from cached_client.specs import ImageSpec
 
-__all__ = ["prepare_image", "RESIZE_FILTER", "DEFAULT_MAX_PIXELS"]
+__all__ = ["open_image", "prepare_image", "RESIZE_FILTER", "DEFAULT_MAX_PIXELS"]
 
 RESIZE_FILTER = "lanczos"
 DEFAULT_MAX_PIXELS = 16384 * 16384
 
+# store.max_pixels is the limit that applies, not Pillow's own 89.5 Mpx warning and 179 Mpx error:
+# every image is opened here, and refused here, against the configured bound.
+Image.MAX_IMAGE_PIXELS = None
 
-def _open(data: bytes, path: str, max_pixels: int) -> Image.Image:
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, MemoryError, Image.DecompressionBombError)
+
+
+def open_image(data: bytes, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image, its header read and checked against `max_pixels`; its pixels not decoded yet."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise SourceError(f"{path}: not a readable image ({exc})") from None
+    except _DECODE_ERRORS as exc:  # truncated or corrupt headers
+        raise SourceError(f"{path}: cannot decode image ({exc})") from None
+    w, h = image.size
+    if w * h > max_pixels:
+        raise SourceError(f"{path}: {w}x{h} is more than store.max_pixels ({max_pixels}); refusing a "
+                          f"possible decompression bomb")
+    return image
+
+
+def _decode(image: Image.Image, path: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
-            w, h = opened.size
-            if w * h > max_pixels:
-                raise SourceError(f"{path}: {w}x{h} is more than max_pixels ({max_pixels}); "
-                                  f"refusing a possible decompression bomb")
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise SourceError(f"{path}: not a readable image ({exc})") from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt files
-        raise SourceError(f"{path}: cannot decode image ({exc})") from exc
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except _DECODE_ERRORS as exc:  # truncated or corrupt pixel data
+        raise SourceError(f"{path}: cannot decode image ({exc})") from None
 
 
 def _cover(img: Image.Image, width: int, height: int) -> Image.Image:
@@ -43,9 +57,9 @@ def _cover(img: Image.Image, width: int, height: int) -> Image.Image:
     return img if size == img.size else img.resize(size, Image.Resampling.LANCZOS)
 
 
-def prepare_image(data: bytes, spec: ImageSpec, seed: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """(3, H, W) float32 in [-1, 1]. `seed` picks the window of crop="random"."""
-    img = _open(data, spec.path, max_pixels)
+def prepare_image(image: Image.Image, spec: ImageSpec, seed: int) -> np.ndarray:
+    """(3, H, W) float32 in [-1, 1] of an opened image. `seed` picks the window of crop="random"."""
+    img = _decode(image, spec.path)
     width, height = spec.size
     crop = spec.crop
     if isinstance(crop, tuple):

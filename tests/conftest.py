@@ -41,9 +41,12 @@ def daemon_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         d.cleanup()
 
 
-def vae_config(tiny_vae: str, **store: Any) -> dict[str, dict[str, Any]]:
-    return {"store": {"shm_bytes": "64MiB", **store},
-            "encoders": {"vae": {"kind": "diffusers-vae", "path": tiny_vae, "max_queue_delay_ms": 20}}}
+def vae_config(tiny_vae: str, limits: dict[str, Any] | None = None, **store: Any) -> dict[str, dict[str, Any]]:
+    config = {"store": {"shm_bytes": "64MiB", **store},
+              "encoders": {"vae": {"kind": "diffusers-vae", "path": tiny_vae, "max_queue_delay_ms": 20}}}
+    if limits:
+        config["limits"] = limits
+    return config
 
 
 @pytest.fixture(scope="module")

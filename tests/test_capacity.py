@@ -10,6 +10,7 @@ from conftest import vae_config
 
 from cached_client import CapacityError, ImageSpec
 
+ONE_CLIENT_MAY_HOLD_ALL = {"client_leased_bytes": "100%"}  # the default cap is half of shared memory
 SIZES = [(64, 64), (64, 72), (72, 64), (80, 64), (64, 80), (88, 64)]
 
 
@@ -38,7 +39,7 @@ def test_fill_past_capacity_while_holding_views(daemon_factory, tiny_vae, images
 
 
 def test_capacity_error_when_every_slot_is_held(daemon_factory, tiny_vae, images):
-    d = daemon_factory(vae_config(tiny_vae, shm_bytes="64KiB"))  # 16 slots
+    d = daemon_factory(vae_config(tiny_vae, ONE_CLIENT_MAY_HOLD_ALL, shm_bytes="64KiB"))  # 16 slots
     client = d.client()
     specs = all_specs(images)
     held = client.get(specs[:16], encoder="vae")
@@ -55,7 +56,7 @@ def test_leases_of_a_dead_client_process_expire(daemon_factory, tiny_vae, images
     import sys
     import time
 
-    d = daemon_factory(vae_config(tiny_vae, shm_bytes="64KiB"))
+    d = daemon_factory(vae_config(tiny_vae, ONE_CLIENT_MAY_HOLD_ALL, shm_bytes="64KiB"))
     code = ("import sys; from cached_client import *; c = CacheClient(sys.argv[1]); "
             "held = c.get([ImageSpec(p, (64, 64)) for p in sys.argv[2:]], encoder='vae'); "
             "import os; os._exit(0)")

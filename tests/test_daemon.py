@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import tempfile
 import time
 
 import numpy as np
@@ -148,7 +149,8 @@ def test_absurd_and_malformed_specs(daemon, images):
     client = daemon.client()
     proc = client._process()
     reply = proc.stub.Get(pb.GetRequest(encoder="vae", specs=b'["i", "/x.png", 0, 99999, "center", false]\n'
-                                                           b'{not json\n["t", 1, 2]'))
+                                                           b'{not json\n["t", 1, 2]'),
+                          metadata=client._credentials())
     assert [e.error for e in reply.errors] == ["InvalidSpec"] * 3
     assert "size" in reply.errors[0].message and "not JSON" in reply.errors[1].message
     with pytest.raises(InvalidSpec, match="crop box"):
@@ -236,9 +238,32 @@ def test_socket_is_0660_and_tcp_only_when_configured(daemon_factory, tiny_vae, i
     config = vae_config(tiny_vae)
     config["server"] = {"tcp": f"127.0.0.1:{port}"}
     t = daemon_factory(config)
-    from cached_client import CacheClient
+    from cached_client import CacheClient, PermissionDenied, Unauthenticated
 
-    [e] = CacheClient(f"127.0.0.1:{port}").get([ImageSpec(images[0], (64, 64))], encoder="vae")
+    token_file = os.path.join(os.path.dirname(t.socket), "tcp-token")
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o640  # the group reads it, others don't
+    with pytest.raises(Unauthenticated, match="token"):
+        CacheClient(f"127.0.0.1:{port}", connect_timeout=1).stats()
+    with pytest.raises(Unauthenticated, match="token"):
+        CacheClient(f"127.0.0.1:{port}", token="guess", connect_timeout=1).warm(
+            [ImageSpec(images[0], (64, 64))], encoder="vae")
+    with open(token_file) as f:
+        tcp = CacheClient(f"127.0.0.1:{port}", token=f.read().strip())
+    # a TCP caller has no verified uid: it gets what anyone on the machine may read, nothing more
+    [(_, _, refused)] = tcp.warm([ImageSpec(images[0], (64, 64))], encoder="vae").failed  # under 0700 dirs
+    assert isinstance(refused, SourceNotAllowed)
+    public = tempfile.mkdtemp(prefix="cached-public-")
+    try:
+        os.chmod(public, 0o755)
+        shutil.copy(images[0], os.path.join(public, "a.png"))
+        os.chmod(os.path.join(public, "a.png"), 0o644)
+        assert tcp.warm([ImageSpec(os.path.join(public, "a.png"), (64, 64))], encoder="vae").computed == 1
+    finally:
+        shutil.rmtree(public)
+    assert tcp.stats()["computed"] == 1
+    with pytest.raises(PermissionDenied, match="unix socket"):  # leases need a kernel-verified process
+        tcp.get([ImageSpec(images[0], (64, 64))], encoder="vae")
+    [e] = t.client().get([ImageSpec(images[0], (64, 64))], encoder="vae")
     assert e["latent"].shape == (4, 8, 8)
     assert stat.S_IMODE(os.stat(t.socket).st_mode) == 0o660  # the unix socket is still there
     assert [c.laddr.port for c in inet_listeners(t.proc.pid)] == [port]

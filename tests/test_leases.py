@@ -54,7 +54,7 @@ time.sleep(120)
 
 
 def test_an_idle_client_gives_leases_back_under_pressure(daemon_factory, tiny_vae, images):
-    d = daemon_factory(vae_config(tiny_vae, shm_bytes="128KiB"))  # 32 one-page slots
+    d = daemon_factory(vae_config(tiny_vae, {"client_leased_bytes": "100%"}, shm_bytes="128KiB"))  # 32 slots
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, d.address, *images], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "idle"

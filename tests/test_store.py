@@ -14,7 +14,7 @@ from cached.store import ShmStore, TensorBytes
 from cached.store.alloc import Allocator
 from cached.store.names import segment_name, sweep_stale
 from cached.store.slot import plan_slot, read_header, write_slot
-from cached_client import CapacityError
+from cached_client import CapacityError, LimitExceeded
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def tensor(n: int, value: float = 1.0) -> dict[str, TensorBytes]:
     return {"latent": TensorBytes("float32", (n,), memoryview(arr))}
 
 
-OWNER = (os.getpid(), 0.0, "test", 0)
+OWNER = 1  # a session id
 
 
 def test_allocator_first_fit_and_coalescing():
@@ -133,15 +133,32 @@ def test_evicting_a_held_entry_frees_it_on_release(shm_dir):
         store.close()
 
 
-def test_expire_drops_dead_owners_only(shm_dir):
+def test_release_owner_drops_that_owners_leases_only(shm_dir):
     store = ShmStore(shm_dir, 1 << 20, "0123456789ab")
     try:
         e = store.put(b"a" * 32, tensor(100), {})
-        dead, alive = (1, 0.0, "dead", 0), (2, 0.0, "alive", 0)
-        store.lease(e, dead)
-        store.lease(e, alive)
-        assert store.expire(lambda o: o[2] == "alive") == 1
+        gone, staying = 1, 2
+        store.lease(e, gone)
+        store.lease(e, gone)
+        store.lease(e, staying)
+        assert store.release_owner(gone) == 2
         assert store.stats()["leases"] == 1
+        assert store.owners() == {staying: (1, 4096)}
+    finally:
+        store.close()
+
+
+def test_one_owner_cannot_lease_past_its_cap(shm_dir):
+    store = ShmStore(shm_dir, 1 << 20, "0123456789ab", owner_cap=3 * 4096)
+    try:
+        entries = [store.put(bytes([i]) * 32, tensor(100), {}) for i in range(4)]
+        for e in entries[:3]:
+            store.lease(e, 1)
+        with pytest.raises(LimitExceeded, match="client_leased_bytes"):
+            store.lease(entries[3], 1)
+        assert store.lease(entries[3], 2) is not None  # another client is not starved
+        store.release_owner(1)
+        assert store.lease(entries[3], 1) is not None
     finally:
         store.close()
 

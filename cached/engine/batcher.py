@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from cached_client.errors import Cancelled, EncoderError
 
 from ..encoders import Encoder
 
-__all__ = ["Batcher", "FitLimits", "Job", "GROW_AFTER"]
+__all__ = ["Batcher", "FitLimits", "Job", "GROW_AFTER", "fail", "group_of"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ GROW_AFTER = 16
 # Each failed probe doubles that wait, up to this many batches: a limit that is really the device's
 # costs ever less to re-check; a successful probe resets the wait to GROW_AFTER.
 GROW_AFTER_MAX = 1024
+# A partial batch waits this long at most for jobs still being decoded for it (a request's misses
+# are decoded in parallel and reach the batcher one by one); a GPU idles no longer than this.
+EXPECT_WAIT_S = 0.5
 
 
 @dataclass(eq=False)
@@ -50,10 +53,25 @@ class Job:
     seed: int
     meta: dict[str, str]
     future: Future = field(default_factory=Future)
+    wanted: Callable[[], bool] = lambda: True  # False once every request waiting for it has gone
 
     @property
     def group(self) -> Hashable:
         return self.input.shape if isinstance(self.input, np.ndarray) else "text"
+
+
+def group_of(spec: Any) -> Hashable:
+    """The batching group a spec's job will have, known before it is decoded: (3, H, W) or "text"."""
+    size = getattr(spec, "size", None)
+    return (3, size[1], size[0]) if size is not None else "text"
+
+
+def fail(fut: Future, exc: BaseException) -> None:
+    """Fails a future unless it is settled already (a shutdown may cancel it at any time)."""
+    try:
+        fut.set_exception(exc)
+    except InvalidStateError:
+        pass
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -141,6 +159,8 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.limits = FitLimits(encoder.name, max_batch)
         self._queues: dict[Hashable, deque[tuple[float, Job]]] = {}
+        self._expected: dict[Hashable, int] = {}  # jobs being prepared, per group: worth waiting for
+        self.starved: Callable[[], bool] = lambda: False  # preparation is blocked: don't wait for it
         self._cv = threading.Condition()
         self._closed = False
         self.items = self.batches = self.max_batch_seen = 0
@@ -160,23 +180,53 @@ class Batcher:
         memory); the limits themselves are in `limits`."""
         return self.limits.smallest()
 
-    def submit_many(self, jobs: list[Job]) -> None:
+    def expect(self, group: Hashable, n: int) -> None:
+        """`n` jobs of `group` are being prepared (negative: no longer). While some are expected,
+        a partial batch of that group waits for them, up to EXPECT_WAIT_S, so the misses of one
+        request that are decoded in parallel still make one batch."""
         with self._cv:
+            left = self._expected.get(group, 0) + n
+            if left > 0:
+                self._expected[group] = left
+            else:
+                self._expected.pop(group, None)
+                self._cv.notify_all()
+
+    def submit_many(self, jobs: list[Job], expected: bool = False) -> None:
+        """Queues jobs for encoding; `expected`: they were announced with `expect`."""
+        with self._cv:
+            if expected:
+                for job in jobs:
+                    left = self._expected.get(job.group, 0) - 1
+                    if left > 0:
+                        self._expected[job.group] = left
+                    else:
+                        self._expected.pop(job.group, None)
             if self._closed:
                 for job in jobs:
-                    job.future.set_exception(Cancelled("daemon is shutting down"))
+                    fail(job.future, Cancelled("daemon is shutting down"))
                 return
             now = time.monotonic()
             for job in jobs:
                 self._queues.setdefault(job.group, deque()).append((now, job))
             self._cv.notify()
 
-    def close(self) -> None:
+    def poke(self) -> None:
+        """Wakes the workers to look again (preparation became blocked)."""
+        with self._cv:
+            self._cv.notify_all()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stops taking jobs; queued jobs fail with Cancelled, the batch being encoded finishes
+        (waited for up to `timeout` seconds)."""
         with self._cv:
             self._closed = True
+            for queue in self._queues.values():
+                while queue:
+                    fail(queue.popleft()[1].future, Cancelled("daemon is shutting down"))
             self._cv.notify_all()
         for t in self._threads:
-            t.join()
+            t.join(timeout)
 
     def _next_batch(self, replica: int) -> list[Job] | None:
         with self._cv:
@@ -190,14 +240,37 @@ class Batcher:
                 group = min(queues, key=lambda g: queues[g][0][0])  # the oldest waiting item first
                 queue = queues[group]
                 limit = self.limits.get(replica, group)
-                wait = queue[0][0] + self.max_delay_s - time.monotonic()
-                if len(queue) < limit and wait > 0 and not self._closed:
+                wait = self._wait_s(group, queue, limit)
+                if wait > 0 and not self._closed:
                     self._cv.wait(wait)
                     continue
-                return [queue.popleft()[1] for _ in range(min(limit, len(queue)))]
+                return self._take(queue, limit)
+
+    def _wait_s(self, group: Hashable, queue: deque[tuple[float, Job]], limit: int) -> float:
+        """How long a partial batch of `group` may still wait to fill (<= 0: run it now)."""
+        if len(queue) >= limit:
+            return 0.0
+        waited = time.monotonic() - queue[0][0]
+        if self._expected.get(group, 0) > 0 and not self.starved():
+            return EXPECT_WAIT_S - waited
+        return self.max_delay_s - waited
+
+    @staticmethod
+    def _take(queue: deque[tuple[float, Job]], limit: int) -> list[Job]:
+        """Up to `limit` jobs that someone still wants; the others fail with Cancelled."""
+        jobs: list[Job] = []
+        while queue and len(jobs) < limit:
+            job = queue.popleft()[1]
+            if job.wanted():
+                jobs.append(job)
+            else:
+                fail(job.future, Cancelled("every request waiting for this item has gone"))
+        return jobs
 
     def _loop(self, replica: int) -> None:
         while (jobs := self._next_batch(replica)) is not None:
+            if not jobs:
+                continue
             t0 = time.perf_counter()
             self._run(jobs, replica)
             with self._stats:
@@ -222,7 +295,7 @@ class Batcher:
         if len(jobs) == 1:
             source = jobs[0].meta.get("source", "?")
             log.warning("encoder %s failed on %s: %s", self.encoder.name, source, error)
-            jobs[0].future.set_exception(EncoderError(f"encoder {self.encoder.name}: {error}"))
+            fail(jobs[0].future, EncoderError(f"encoder {self.encoder.name}: {error}"))
             return
         if oom:
             size = self.limits.out_of_memory(replica, jobs[0].group, len(jobs))
@@ -243,9 +316,10 @@ class Batcher:
             self.max_batch_seen = max(self.max_batch_seen, len(jobs))
         for i, job in enumerate(jobs):
             try:
-                job.future.set_result(self.seal(job, {k: v[i] for k, v in outputs.items()}))
+                if not job.future.done():  # not cancelled by a shutdown meanwhile
+                    job.future.set_result(self.seal(job, {k: v[i] for k, v in outputs.items()}))
             except Exception as exc:  # noqa: BLE001 - e.g. CapacityError: this item fails, not the batch
-                job.future.set_exception(exc)
+                fail(job.future, exc)
 
     def _encode(self, jobs: list[Job], replica: int) -> dict[str, torch.Tensor]:
         if self.encoder.input == "image":

@@ -7,6 +7,7 @@ fingerprint goes into every key. Sources must be inside allowed_roots, like any 
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import torch
 from cached_client.errors import CacheError, InvalidSpec
 
 from ..importers import ImportItem, iter_import
+from .caller import Caller
 from .engine import Engine, tensor_bytes
 from .keys import entry_key
 
@@ -36,10 +38,13 @@ def _scalar_norm(enc: Any) -> tuple[float, float]:
 
 
 def import_cache(engine: Engine, encoder: str, fmt: str, path: str, size: tuple[int, int] | None,
-                 image_root: str | None, arch: str | None, crop: str) -> Iterator[dict[str, Any]]:
-    """Progress dicts (seen, imported, already, skipped, examples) about every 0.25 s, and a last one."""
+                 image_root: str | None, arch: str | None, crop: str, caller: Caller) -> Iterator[dict[str, Any]]:
+    """Progress dicts (seen, imported, already, skipped, examples) about every 0.25 s, and a last one.
+    The caller must be able to search the cache directory, and to read each image it imports."""
     enc = engine.encoder(encoder)
     scale, shift = _scalar_norm(enc)
+    if engine.sources.check_access and not engine.sources.access.searchable(caller, os.path.join(path, "")):
+        raise engine.sources.refuse(path)
     root = engine.sources.resolve(image_root) if image_root else None
     try:
         results = iter_import(fmt, engine.sources.resolve(path), image_root=root, size=size,
@@ -51,7 +56,7 @@ def import_cache(engine: Engine, encoder: str, fmt: str, path: str, size: tuple[
     for result in results:
         p["seen"] += 1
         if isinstance(result, ImportItem):
-            outcome = _store(engine, enc, result)
+            outcome = _store(engine, enc, result, caller)
         else:
             outcome = (result.reason, f"{result.cache_file}: {result.reason}: {result.detail}")
         if outcome is None:
@@ -69,7 +74,7 @@ def import_cache(engine: Engine, encoder: str, fmt: str, path: str, size: tuple[
     yield _snapshot(p)
 
 
-def _store(engine: Engine, enc: Any, item: ImportItem) -> tuple[str, str] | None:
+def _store(engine: Engine, enc: Any, item: ImportItem, caller: Caller) -> tuple[str, str] | None:
     """None when imported, else (reason, example line)."""
     channels = getattr(enc, "latent_channels", None)
     if channels and item.latent.shape[0] != channels:
@@ -77,7 +82,7 @@ def _store(engine: Engine, enc: Any, item: ImportItem) -> tuple[str, str] | None
                             f"encoder {enc.name!r} makes {channels} (another VAE?)")
     spec = item.spec()
     try:
-        _, digest, _, _ = engine.sources.digest(spec.path)
+        digest = engine.sources.digest(spec.path, caller).digest
     except CacheError as exc:
         return (type(exc).__name__, f"{item.cache_file}: {type(exc).__name__}: {exc}")
     key = entry_key(digest, spec, enc.fingerprint)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from cached_client.errors import CacheError
 
+from .caller import Caller
+from .items import Item
+
 if TYPE_CHECKING:
-    from .engine import Engine, Item
+    from .engine import Engine
 
 __all__ = ["Prefetcher"]
 
@@ -23,10 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class Prefetcher:
-    def __init__(self, engine: Engine, window: int = 256, max_queued: int = 1_000_000) -> None:
+    def __init__(self, engine: Engine, window: int = 256, max_queued: int = 100_000) -> None:
         self.engine = engine
         self.max_queued = max_queued
-        self._queue: deque[tuple[str, Item]] = deque()
+        self._queue: deque[tuple[str, Item, Caller]] = deque()
         self._cv = threading.Condition()
         self._slots = threading.Semaphore(window)
         self._closed = False
@@ -34,42 +38,49 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self._thread.start()
 
-    def submit(self, encoder: str, specs: bytes) -> tuple[int, int]:
-        """(queued, dropped). Bad items are skipped: a hint never fails for one bad spec."""
+    def submit(self, encoder: str, specs: bytes, caller: Caller) -> tuple[int, int]:
+        """(queued, dropped). Bad items are skipped: a hint never fails for one bad spec. Items are
+        checked against the caller's rights now, and queued without their source bytes."""
         enc = self.engine.encoder(encoder)
-        items = [it for it in self.engine.parse(specs, enc) if not isinstance(it, CacheError)]
+        items = [replace(it, data=None) for it in self.engine.items.parse(specs, enc, caller)
+                 if not isinstance(it, CacheError)]
         with self._cv:
             room = max(0, self.max_queued - len(self._queue))
             accepted = items[:room]
-            self._queue.extend((encoder, it) for it in accepted)
+            self._queue.extend((encoder, it, caller) for it in accepted)
             self.queued += len(accepted)
             self.dropped += len(items) - len(accepted)
             self._cv.notify()
         return len(accepted), len(items) - len(accepted)
 
-    def _next_group(self) -> tuple[str, list[Item]] | None:
+    def _next_group(self) -> tuple[str, Caller, list[Item]] | None:
         with self._cv:
             while not self._queue and not self._closed:
                 self._cv.wait()
             if self._closed:
                 return None
-            name = self._queue[0][0]
+            name, _, caller = self._queue[0]
             limit = self.engine.batchers[name].max_batch
             group: list[Item] = []
-            while self._queue and self._queue[0][0] == name and len(group) < limit:
+            while self._queue and self._queue[0][0] == name and self._queue[0][2] == caller and len(group) < limit:
                 group.append(self._queue.popleft()[1])
-            return name, group
+            return name, caller, group
+
+    def _wanted(self) -> bool:
+        return not self._closed
 
     def _run(self) -> None:
         while (next_group := self._next_group()) is not None:
-            name, group = next_group
+            name, caller, group = next_group
             missing = [it for it in group if self.engine.find(it.key, None) is None]
             if not missing:
                 continue
             for _ in missing:
-                self._slots.acquire()
+                while not self._slots.acquire(timeout=0.5):
+                    if self._closed:
+                        return
             try:
-                futures = self.engine.compute(self.engine.encoder(name), missing)
+                futures = self.engine.computer.compute(self.engine.encoder(name), missing, caller, self._wanted)
             except Exception:  # noqa: BLE001 - a hint must never take the thread down
                 log.exception("prefetch of %d items failed", len(missing))
                 for _ in missing:

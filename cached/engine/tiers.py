@@ -86,7 +86,9 @@ class Tiers:
                 self.disk.put(key, tensors, meta)
         except (CacheError, OSError, ValueError) as exc:  # the entry stays served from shared memory
             self._count("disk_write_errors")
-            log.warning("writing %s to disk failed: %s", key.hex()[:16], exc)
+            # a CacheError is a full or read-only disk, which the tier logs itself at most once a minute
+            log.log(logging.DEBUG if isinstance(exc, CacheError) else logging.WARNING,
+                    "writing %s to disk failed: %s", key.hex()[:16], exc)
         finally:
             with self._written:
                 self._outstanding.discard(seq)
@@ -131,7 +133,8 @@ class Tiers:
         out["evictions"] = self.shm.stats()["evictions"]
         if self.disk is not None:
             d = self.disk.stats()
-            out.update(disk_corrupt=d["corrupt"], disk_evictions=d["evictions"], disk_writes=d["writes"])
+            out.update(disk_corrupt=d["corrupt"], disk_evictions=d["evictions"], disk_writes=d["writes"],
+                       disk_read_errors=d["read_errors"], disk_read_only=d["read_only"], disk_off=d["off"])
         return out
 
     def flush(self, timeout: float = FLUSH_WAIT_S) -> None:
@@ -144,9 +147,16 @@ class Tiers:
                 raise DeadlineExceeded(f"{len(self._outstanding)} disk writes still pending after "
                                        f"{timeout:.0f} s; nothing was evicted from disk")
 
-    def close(self) -> None:
-        """Finishes pending disk writes and closes the disk tier (the shm store is closed by its owner)."""
+    def close(self, timeout: float = FLUSH_WAIT_S) -> None:
+        """Finishes pending disk writes (for up to `timeout` seconds: the rest are dropped, and the
+        entries recomputed when asked for again) and closes the disk tier (the shm store is closed
+        by its owner)."""
         if self._writers is not None:
-            self._writers.shutdown(wait=True)
+            with self._written:
+                self._written.wait_for(lambda: not self._outstanding, timeout)
+                dropped = len(self._outstanding)
+            if dropped:
+                log.warning("shutting down with %d disk writes still pending; they are dropped", dropped)
+            self._writers.shutdown(wait=not dropped, cancel_futures=True)
         if self.disk is not None:
             self.disk.close()

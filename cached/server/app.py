@@ -12,25 +12,27 @@ import logging
 import os
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cached_client._proto import cache_pb2_grpc
 from cached_client.address import resolve_address, socket_path
 from cached_client.errors import CacheError
-from cached_client.procinfo import pid_namespace
+from cached_client.session import identity_socket
 
 from ..encoders import WeightDigests, build_encoder
 from ..engine import EncoderOptions, Engine, Sources, Tiers
-from ..store import Owner, ShmStore
+from ..store import ShmStore
 from ..store.disk import DiskTier
 from ..store.names import new_instance_id
+from .auth import Authenticator, load_or_create_token
 from .config import Config
 from .interceptors import ErrorInterceptor
 from .servicer import CacheServicer
+from .sessions import SessionServer
 
 __all__ = ["Daemon", "SERVICE_NAME"]
 
@@ -38,20 +40,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "cached.v1.Cache"
 MAX_MESSAGE = 256 << 20
-LEASE_SWEEP_S = 1.0
-
-
-def owner_alive(owner: Owner, own_ns: int = pid_namespace()) -> bool:
-    """False only when the owning process is surely gone; a pid in another namespace can't be checked."""
-    pid, start_time, _, ns = owner
-    if ns and own_ns and ns != own_ns:
-        return True
-    try:
-        return abs(psutil.Process(pid).create_time() - start_time) < 1e-3
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
+CANCEL_BEFORE_S = 1.0  # before the shutdown grace ends, queued work is cancelled and its callers told
 
 
 class Daemon:
@@ -64,8 +53,10 @@ class Daemon:
         self.store: ShmStore | None = None
         self.tiers: Tiers | None = None
         self.engine: Engine | None = None
+        self.sessions: SessionServer | None = None
         self.health = health.HealthServicer()
-        self.servicer = CacheServicer(self.instance)
+        self.limits = config.engine_limits()
+        self.servicer = CacheServicer(self.instance, self.limits.max_calls or max(1, config.workers - 4))
         self._stopping = threading.Event()
         self._server: grpc.Server | None = None
 
@@ -78,16 +69,16 @@ class Daemon:
             self.stop(grace=0)
             raise
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        threading.Thread(target=self._expire_leases, name="lease-expiry", daemon=True).start()
         log.info("serving on %s (instance %s)", self.target, self.instance)
 
     def _listen(self) -> None:
         server = grpc.server(
             ThreadPoolExecutor(self.config.workers, thread_name_prefix="rpc"),
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(max_field_bytes=max(4096, self.limits.max_path_bytes))],
             options=[("grpc.max_send_message_length", MAX_MESSAGE),
-                     ("grpc.max_receive_message_length", MAX_MESSAGE),
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.max_receive_message_length", self.limits.max_request_bytes),
+                     ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=4 * self.config.workers)  # past that, RESOURCE_EXHAUSTED, no queue
         cache_pb2_grpc.add_CacheServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.socket:
@@ -96,8 +87,8 @@ class Daemon:
         if self.config.tcp:
             host = self.config.tcp.rsplit(":", 1)[0].strip("[]")
             if host not in ("127.0.0.1", "localhost", "::1"):
-                log.warning("listening on %s: reachable from other machines, with no authentication",
-                            self.config.tcp)
+                log.warning("listening on %s: reachable from other machines (calls need the token, "
+                            "which travels in clear text: use a private network)", self.config.tcp)
             server.add_insecure_port(self.config.tcp)
         server.start()
         self._server = server
@@ -122,12 +113,13 @@ class Daemon:
 
     def _load(self) -> None:
         cfg = self.config
-        self.store = ShmStore(cfg.shm_dir, cfg.shm_capacity(), self.instance, self.group)
+        capacity = cfg.shm_capacity()
+        self.store = ShmStore(cfg.shm_dir, capacity, self.instance, self.group,
+                              owner_cap=cfg.client_leased_bytes_of(capacity))
         disk_dir = cfg.disk_directory()
         disk = None
         if disk_dir:
-            os.makedirs(disk_dir, mode=0o750, exist_ok=True)
-            disk = DiskTier(disk_dir, cfg.disk_capacity(), cfg.compression)
+            disk = DiskTier.open_or_degrade(disk_dir, cfg.disk_capacity(), cfg.compression)
             log.info("disk tier: %s (%s, %s)", disk_dir, cfg.disk_bytes, cfg.compression)
         self.tiers = Tiers(self.store, disk)
         digests = WeightDigests(os.path.join(disk_dir, "weight-digests.json") if disk_dir else None)
@@ -139,30 +131,51 @@ class Daemon:
             encoders[name] = build_encoder(name, opts, digests)
         if not encoders:
             log.warning("no encoders configured: every request will fail with UnknownEncoder")
-        self.engine = Engine(self.tiers, encoders, Sources(cfg.allowed_roots), options,
-                             cfg.max_pixels, cfg.decode_workers or None)
+        sources = Sources(cfg.allowed_roots, self.limits.max_source_bytes, cfg.check_caller_access)
+        self.engine = Engine(self.tiers, encoders, sources, options, cfg.max_pixels, cfg.decode_workers or None,
+                             self.limits)
         if not cfg.allowed_roots:
             log.warning("store.allowed_roots is empty: any file this daemon can read may be requested")
+        self.servicer.auth = Authenticator(self._start_sessions(self.store), self._tcp_token())
         self.servicer.engine = self.engine
+
+    def _start_sessions(self, store: ShmStore) -> SessionServer | None:
+        """The identity socket beside the unix socket; a session's end gives back its leases."""
+        if not self.socket:
+            return None
+        self.sessions = SessionServer(identity_socket(self.socket), self.instance,
+                                      lambda caller: store.release_owner(caller.session), self.group)
+        self.sessions.start()
+        return self.sessions
+
+    def _tcp_token(self) -> str | None:
+        if not self.config.tcp:
+            return None
+        path = self.config.tcp_token_file or os.path.join(
+            os.path.dirname(self.socket or "/run/cached/cached.sock"), "tcp-token")
+        return load_or_create_token(path, self.group)
 
     def _set_health(self, status: int) -> None:
         self.health.set("", status)
         self.health.set(SERVICE_NAME, status)
 
-    def _expire_leases(self) -> None:
-        while not self._stopping.wait(LEASE_SWEEP_S):
-            if self.store is not None:
-                self.store.expire(owner_alive)
-
     def stop(self, grace: float = 10.0) -> None:
-        """Drains in-flight calls for up to `grace` seconds, then releases everything."""
+        """Stops in about `grace` seconds: new calls are refused at once and calls in flight drain;
+        work still queued a second before the grace runs out fails with Cancelled, so its callers
+        get that error rather than a dropped connection; then everything is released."""
+        deadline = time.monotonic() + grace
         self._stopping.set()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._server is not None:
-            self._server.stop(grace).wait()
+            drained = self._server.stop(grace)
+            if not drained.wait(max(0.0, grace - CANCEL_BEFORE_S)) and self.engine is not None:
+                log.info("grace running out: cancelled %d computations in progress", self.engine.cancel_all())
+            drained.wait(max(0.0, deadline - time.monotonic()))
         self.servicer.engine = None
+        if self.sessions is not None:
+            self.sessions.close()
         if self.engine is not None:
-            self.engine.close()  # finishes the disk writes in flight
+            self.engine.close(max(1.0, deadline - time.monotonic()))
         elif self.tiers is not None:
             self.tiers.close()
         if self.store is not None:

@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--disk-dir", help='persistent tier directory ("" turns the disk tier off)')
     s.add_argument("--tcp", help="also listen on HOST:PORT (off by default)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    s.add_argument("--grace", type=float, default=10.0, help="seconds to drain calls on SIGTERM")
+    s.add_argument("--grace", type=float, help="seconds to drain calls on SIGTERM (server.shutdown_grace, 10)")
     return p
 
 
@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     stop.wait()
-    log.info("signal received: draining for up to %.0f s", args.grace)
-    daemon.stop(args.grace)
+    grace = config.shutdown_grace if args.grace is None else args.grace
+    log.info("signal received: draining for up to %.0f s", grace)
+    daemon.stop(grace)
     return 0
 
 

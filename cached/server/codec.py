@@ -11,17 +11,10 @@ from cached_client.errors import CacheError, InvalidSpec
 from cached_client.wire import HANDLE, unpack_leases
 
 from ..engine import Held
-from ..store import Owner, ShmStore
+from ..store import ShmStore
 
-__all__ = ["owner_of", "lease_ids", "get_response", "item_errors", "warm_progress", "stats_response", "list_response",
+__all__ = ["lease_ids", "get_response", "item_errors", "warm_progress", "stats_response", "list_response",
            "import_progress"]
-
-
-def owner_of(msg: pb.Owner) -> Owner | None:
-    """None when the request names no owner: nothing is leased to it."""
-    if not msg.pid:
-        return None
-    return (msg.pid, msg.start_time, msg.client_id, msg.pid_ns)
 
 
 def lease_ids(data: bytes) -> list[int]:

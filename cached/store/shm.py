@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from cached_client.errors import CapacityError
+from cached_client.errors import CapacityError, LimitExceeded
 from cached_client.wire import Layout, encode_layout
 
 from .alloc import PAGE, round_up
@@ -42,8 +42,8 @@ MAX_ARENA = 1 << 30
 RELEASE_WAIT_S = 1.0  # how long an allocation waits for clients to give back idle leases
 CONTROL_MAGIC = b"CACHEDC\x01"
 
-# (pid, process start time, client id, pid namespace inode)
-Owner = tuple[int, float, str, int]
+# a client process's session id (cached/server/sessions.py): the kernel-verified holder of leases
+Owner = int
 
 
 @dataclass(eq=False)
@@ -82,7 +82,7 @@ class ShmStore:
     """Owns the daemon's arenas. All methods are thread-safe."""
 
     def __init__(self, shm_dir: str, capacity: int, instance: str, group: int | None = None,
-                 arena_bytes: int = MAX_ARENA) -> None:
+                 arena_bytes: int = MAX_ARENA, owner_cap: int | None = None) -> None:
         if capacity < PAGE:
             raise ValueError(f"shm_bytes must be at least {PAGE}, got {capacity!r}")
         self.shm_dir = shm_dir
@@ -111,6 +111,8 @@ class ShmStore:
         self._lru: OrderedDict[bytes, Entry] = OrderedDict()  # indexed entries nobody holds
         self._leases: dict[int, tuple[Owner, Entry]] = {}
         self._by_owner: dict[Owner, set[int]] = {}
+        self._owner_bytes: dict[Owner, int] = {}  # bytes each owner's leases hold
+        self.owner_cap = owner_cap  # at most this many leased bytes per owner (None: no cap)
         self._next_lease = 1
         self._generation = 0
         self.evictions = 0
@@ -202,10 +204,16 @@ class ShmStore:
     # leases
 
     def lease(self, entry: Entry, owner: Owner) -> int | None:
-        """A new lease on an entry; None when it was evicted since it was looked up."""
+        """A new lease on an entry; None when it was evicted since it was looked up. LimitExceeded
+        when the owner would hold more than `owner_cap` bytes: one client can't starve the rest."""
         with self._mu:
             if not entry.indexed:
                 return None
+            held = self._owner_bytes.get(owner, 0)
+            if self.owner_cap is not None and held + entry.length > self.owner_cap:
+                raise LimitExceeded(f"this process holds {held} bytes of leases, its cap is {self.owner_cap}"
+                                    f" (limits.client_leased_bytes); drop views or let idle leases go")
+            self._owner_bytes[owner] = held + entry.length
             lid = self._next_lease
             self._next_lease += 1
             self._leases[lid] = (owner, entry)
@@ -236,7 +244,10 @@ class ShmStore:
         return n
 
     def _unlease(self, lid: int) -> None:
-        _, entry = self._leases.pop(lid)
+        owner, entry = self._leases.pop(lid)
+        left = self._owner_bytes.pop(owner) - entry.length
+        if left:
+            self._owner_bytes[owner] = left
         entry.leases -= 1
         if entry.leases:
             return
@@ -248,18 +259,20 @@ class ShmStore:
         else:
             self._drop(entry)
 
-    def expire(self, is_alive: Callable[[Owner], bool]) -> int:
-        """Drops every lease of owners that `is_alive` says are gone; returns how many."""
+    def release_owner(self, owner: Owner) -> int:
+        """Drops every lease of an owner that is gone (its session ended); returns how many."""
         with self._mu:
-            dead = [o for o in self._by_owner if not is_alive(o)]
-            n = 0
-            for owner in dead:
-                for lid in self._by_owner.pop(owner):
-                    self._unlease(lid)
-                    n += 1
-        if n:
-            log.info("expired %d lease(s) of %d dead client process(es)", n, len(dead))
-        return n
+            held = self._by_owner.pop(owner, set())
+            for lid in held:
+                self._unlease(lid)
+        if held:
+            log.debug("gave back %d lease(s) of a client process that is gone", len(held))
+        return len(held)
+
+    def owners(self) -> dict[Owner, tuple[int, int]]:
+        """{owner: (leases, leased bytes)}, for operators."""
+        with self._mu:
+            return {o: (len(ids), self._owner_bytes.get(o, 0)) for o, ids in self._by_owner.items()}
 
     # eviction and reporting
 

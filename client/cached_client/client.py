@@ -1,34 +1,41 @@
 """CacheClient: what a DataLoader worker uses to read entries.
 
 The client object is plain data (an address and timeouts): it pickles into spawned workers and
-survives fork. Everything live (the gRPC channel, the segment mappings, the handle cache and the
-leases) is made lazily in the process that uses it, keyed by pid.
+survives fork. Everything live (the gRPC channel, the identity session, the segment mappings, the
+handle cache and the leases) is made lazily in the process that uses it, keyed by pid.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import numpy as np
-import psutil
 
 from . import forksafe
 from ._proto import cache_pb2 as pb
 from ._proto import cache_pb2_grpc
-from .address import resolve_address
-from .errors import ERROR_METADATA, CacheError, DaemonUnavailable, error_for
-from .handles import ProcessState
-from .procinfo import pid_namespace
+from .address import resolve_address, socket_path
+from .errors import (
+    ERROR_METADATA,
+    CacheError,
+    DaemonError,
+    DaemonUnavailable,
+    InvalidSpec,
+    LimitExceeded,
+    ProtocolError,
+    Unauthenticated,
+    error_for,
+)
+from .handles import ProcessState, process_state
+from .session import current_session, forget_session, process_session
 from .specs import ImageSpec, Spec, encode_specs
 from .stamp import source_stamp
-from .views import HAVE_TORCH, Entry, Lease, Segment
-from .wire import HANDLE, decode_layout, pack_leases
+from .views import HAVE_TORCH, Entry, Lease, Segment, shm_error
+from .wire import decode_layout, pack_leases, unpack_handles
 
 __all__ = ["CacheClient", "WarmResult"]
 
@@ -53,11 +60,6 @@ class WarmResult:
     failed: list[tuple[int, Spec, CacheError]]
 
 
-def _owner() -> pb.Owner:
-    return pb.Owner(pid=os.getpid(), start_time=psutil.Process().create_time(),
-                    client_id=secrets.token_hex(8), pid_ns=pid_namespace())
-
-
 class CacheClient:
     """Reads cache entries from the local cached daemon as zero-copy tensor views.
 
@@ -65,10 +67,11 @@ class CacheClient:
     retrying for `connect_timeout` seconds, then raises DaemonUnavailable; the same client works again
     once the daemon is back. `timeout` bounds a whole call, encoding included (None: no bound).
     Tensors are torch tensors when torch is importable, numpy arrays otherwise (or `tensors="numpy"`).
+    Over TCP, calls carry `token` (default: the contents of the file $CACHED_TOKEN_FILE names).
     """
 
     def __init__(self, address: str | None = None, *, timeout: float | None = None,
-                 connect_timeout: float = 10.0, tensors: str = "auto") -> None:
+                 connect_timeout: float = 10.0, tensors: str = "auto", token: str | None = None) -> None:
         if connect_timeout < 0:
             raise ValueError(f"connect_timeout must be >= 0, got {connect_timeout!r}")
         if tensors not in ("auto", "torch", "numpy"):
@@ -79,14 +82,13 @@ class CacheClient:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.tensors = tensors
-        self._pid = -1
-        self._proc: ProcessState | None = None
+        self.token = token
 
     # pickling and fork: only the configuration travels
 
     def __getstate__(self) -> dict[str, Any]:
         return {"address": self.address, "timeout": self.timeout,
-                "connect_timeout": self.connect_timeout, "tensors": self.tensors}
+                "connect_timeout": self.connect_timeout, "tensors": self.tensors, "token": self.token}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -99,12 +101,15 @@ class CacheClient:
         return resolve_address(self.address)
 
     def _process(self) -> ProcessState:
-        proc = self._proc
-        if proc is None or self._pid != os.getpid():
-            channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
-            proc = ProcessState(channel, cache_pb2_grpc.CacheStub(channel), _owner())
-            self._proc, self._pid = proc, os.getpid()
-            proc.start_watcher(lambda ids: self._release(proc, ids))
+        """This process's state for the target: shared by every client of the process, as the
+        daemon sees one session (one holder of leases) per process."""
+        return process_state(self.target, self._new_state)
+
+    def _new_state(self, target: str) -> ProcessState:
+        channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        proc = ProcessState(channel, cache_pb2_grpc.CacheStub(channel))
+        releaser = CacheClient(target, timeout=5.0, connect_timeout=1.0, tensors=self.tensors, token=self.token)
+        proc.start_watcher(lambda ids: releaser._release(proc, ids))
         return proc
 
     # the public surface
@@ -117,6 +122,7 @@ class CacheClient:
         want_torch = self.tensors == "torch" or (self.tensors == "auto" and HAVE_TORCH)
         out: list[Entry | None] = [None] * len(specs)
         wanted: dict[Spec, list[int]] = {}
+        self._follow_restart(proc)
         with proc.lock:
             proc.reap()
             for i, spec in enumerate(specs):
@@ -127,31 +133,39 @@ class CacheClient:
                     out[i] = Entry(lease.key.hex(), spec, lease.views(proc.dead, want_torch))
             release = proc.take_due()
         if wanted:
-            self._fetch(proc, encoder, wanted, compute, release, out, want_torch)
+            try:
+                self._fetch(proc, encoder, wanted, compute, release, out, want_torch)
+            except LimitExceeded:  # this process's lease cap: give the idle leases back, try again
+                with proc.lock:
+                    proc.reap()
+                    release = proc.take_idle()
+                if not release:
+                    raise
+                left = {s: ix for s, ix in wanted.items() if out[ix[0]] is None}
+                self._fetch(proc, encoder, left, compute, release, out, want_torch)
         elif release:
             self._release(proc, release)
         return out  # type: ignore[return-value]
 
     def _release(self, proc: ProcessState, ids: list[int]) -> None:
-        self._call(proc, "Release", pb.ReleaseRequest(owner=proc.owner, leases=pack_leases(ids)))
+        self._call(proc, "Release", pb.ReleaseRequest(leases=pack_leases(ids)))
 
     def _fetch(self, proc: ProcessState, encoder: str, wanted: dict[Spec, list[int]], compute: bool,
                release: list[int], out: list[Entry | None], want_torch: bool) -> None:
         specs = list(wanted)
         request = pb.GetRequest(encoder=encoder, specs=encode_specs(specs), compute=compute,
-                                owner=proc.owner, release=pack_leases(release))
+                                release=pack_leases(release))
         # before the call: a rewrite after it is caught by the next lookup
         stamps = [source_stamp(s.path) if isinstance(s, ImageSpec) else None for s in specs]
         reply = self._call(proc, "Get", request)
-        records = np.frombuffer(reply.handles, dtype=HANDLE).tolist()  # tuples: fast to unpack
         failed = {e.index: e for e in reply.errors}
+        records = unpack_handles(reply.handles, len(specs), failed, reply.segments, reply.layouts)
         with proc.lock:
-            proc.adopt(reply.instance, reply.control)
-            for path in reply.segments.values():
-                if path not in proc.segments:
-                    proc.segments[path] = Segment(path)
-            for lid, text in reply.layouts.items():
-                proc.layouts.setdefault(lid, decode_layout(text))
+            try:
+                _attach(proc, reply)
+            except CacheError:  # granted, but this process can't use them: back with the next call
+                proc.due.extend(lease_id for _, lease_id, *_ in records if lease_id)
+                raise
             for j, spec in enumerate(specs):
                 if j in failed:
                     continue
@@ -177,10 +191,12 @@ class CacheClient:
         failed: list[tuple[int, Spec, CacheError]] = []
         last = pb.WarmProgress(total=len(specs))
         stream = proc.stub.Warm(pb.WarmRequest(encoder=encoder, specs=encode_specs(list(specs))),
-                                timeout=self.timeout)
+                                timeout=self.timeout, metadata=self._credentials())
         try:
             for last in stream:
                 for e in last.errors:
+                    if e.index >= len(specs):
+                        raise ProtocolError(f"Warm reply has an error for item {e.index} of {len(specs)}")
                     failed.append((e.index, specs[e.index], error_for(e.code, e.message, e.error)))
                 if progress is not None:
                     progress(last)
@@ -197,11 +213,15 @@ class CacheClient:
             return
         proc = self._process()
         request = pb.WarmRequest(encoder=encoder, specs=encode_specs(list(specs)))
+        try:
+            metadata = self._credentials()
+        except CacheError:
+            return
         with proc.lock:
             while proc.hints and proc.hints[0].done():
                 proc.hints.popleft()
             forksafe.begin()  # ended when the call completes, however it ends
-            hint = proc.stub.Prefetch.future(request, timeout=30)
+            hint = proc.stub.Prefetch.future(request, timeout=30, metadata=metadata)
             hint.add_done_callback(lambda _: forksafe.end())
             proc.hints.append(hint)
 
@@ -209,8 +229,8 @@ class CacheClient:
               keys: Iterable[str] = (), tier: str = "all") -> dict[str, int]:
         """Drops entries from the cache. Entries still held by a client are freed when released."""
         prefix = os.path.abspath(source_prefix) if source_prefix else ""
-        reply = self._call(self._process(), "Evict", pb.EvictRequest(
-            all=all, encoder=encoder or "", source_prefix=prefix, keys=list(keys), tier=tier))
+        reply = self._call(self._process(), "Evict", _message(
+            pb.EvictRequest, all=all, encoder=encoder or "", source_prefix=prefix, keys=list(keys), tier=tier))
         return {"entries": reply.entries, "bytes": reply.bytes, "pending": reply.pending,
                 "disk_entries": reply.disk_entries, "disk_bytes": reply.disk_bytes}
 
@@ -218,8 +238,8 @@ class CacheClient:
            limit: int = 0) -> tuple[list[dict[str, Any]], int]:
         """(entries, total matching) of both tiers, least recently used first."""
         prefix = os.path.abspath(source_prefix) if source_prefix else ""
-        r = self._call(self._process(), "List", pb.ListRequest(tier=tier, encoder=encoder or "",
-                                                               source_prefix=prefix, limit=limit))
+        r = self._call(self._process(), "List", _message(pb.ListRequest, tier=tier, encoder=encoder or "",
+                                                         source_prefix=prefix, limit=limit))
         rows = [{"key": e.key, "tier": e.tier, "bytes": e.bytes, "encoder": e.encoder, "source": e.source,
                  "spec": e.spec, "leases": e.leases} for e in r.entries]
         return rows, r.total
@@ -229,11 +249,11 @@ class CacheClient:
                      progress: Callable[[pb.ImportProgress], None] | None = None) -> dict[str, Any]:
         """Imports another trainer's cache (read by the daemon): {"seen", "imported", "already",
         "skipped": {reason: n}, "examples": [...]}."""
-        request = pb.ImportRequest(format=format, path=os.path.abspath(path), encoder=encoder,
-                                   width=size[0] if size else 0, height=size[1] if size else 0,
-                                   image_root=os.path.abspath(image_root) if image_root else "",
-                                   arch=arch or "", crop=crop)
-        stream = self._process().stub.Import(request, timeout=self.timeout)
+        request = _message(pb.ImportRequest, format=format, path=os.path.abspath(path), encoder=encoder,
+                           width=size[0] if size else 0, height=size[1] if size else 0,
+                           image_root=os.path.abspath(image_root) if image_root else "",
+                           arch=arch or "", crop=crop)
+        stream = self._process().stub.Import(request, timeout=self.timeout, metadata=self._credentials())
         examples: list[str] = []
         last = pb.ImportProgress()
         try:
@@ -276,9 +296,10 @@ class CacheClient:
         return _HEALTH.get(status, "UNKNOWN")
 
     def close(self) -> None:
-        """Gives back leases whose views are gone and closes the channel of this process."""
-        proc = self._proc
-        if proc is None or self._pid != os.getpid():
+        """Gives back the leases whose views are gone. Leases of views still alive stay held (by
+        this process's session) until they die or the process exits."""
+        proc = process_state(self.target)
+        if proc is None:
             return
         with proc.lock:
             proc.reap()
@@ -287,29 +308,114 @@ class CacheClient:
             try:
                 self._release(proc, release)
             except CacheError:
-                pass  # the daemon expires them when this process is gone
-        proc.channel.close()
-        self._proc = None
+                pass  # the daemon gives them back when this process is gone
 
     # transport
 
+    def _credentials(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata: this process's session token on a unix socket (the handshake on first use),
+        the bearer token over TCP."""
+        path = socket_path(self.target)
+        if path is not None:
+            return process_session(path, timeout=max(self.connect_timeout, 1.0)).metadata
+        token = self.token
+        if token is None and os.environ.get("CACHED_TOKEN_FILE"):
+            path = os.environ["CACHED_TOKEN_FILE"]
+            try:
+                with open(path) as f:
+                    token = self.token = f.read().strip()
+            except OSError as exc:
+                raise Unauthenticated(f"CACHED_TOKEN_FILE {path}: {exc.strerror or exc}") from None
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
     def _call(self, proc: ProcessState, method: str, request: Any) -> Any:
-        """Calls with retries while the daemon is unreachable, for up to connect_timeout seconds."""
+        """Calls with retries while the daemon is unreachable or busy, for up to connect_timeout
+        seconds; a session the daemon does not know (it restarted) is opened again once."""
         deadline = time.monotonic() + self.connect_timeout
-        delay = 0.05
+        delay, renewed = 0.05, False
         while True:
             try:
+                metadata = self._credentials()
                 with forksafe.call():
-                    return getattr(proc.stub, method)(request, timeout=self.timeout)
+                    return getattr(proc.stub, method)(request, timeout=self.timeout, metadata=metadata)
+            except DaemonUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED and not renewed and self._renew_session(metadata):
+                    renewed = True
+                    continue
+                if not _retryable(exc) or time.monotonic() + delay > deadline:
                     raise _mapped(exc, self.target) from exc
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
+    def _follow_restart(self, proc: ProcessState) -> None:
+        """When the daemon that issued this process's session is gone (the identity connection
+        closed), its handles are dropped: they would be served from a dead daemon's memory."""
+        path = socket_path(self.target)
+        session = current_session(path) if path is not None else None
+        if session is not None and not session.alive():
+            forget_session(path, session.token)  # type: ignore[arg-type]
+            with proc.lock:
+                proc.adopt("", "")
+
+    def _renew_session(self, metadata: tuple[tuple[str, str], ...]) -> bool:
+        """Forgets the session a refused call carried (the daemon restarted and does not know it);
+        True when the call carried one."""
+        path = socket_path(self.target)
+        if path is None or not metadata:
+            return False
+        forget_session(path, metadata[0][1])
+        return True
+
+
+def _attach(proc: ProcessState, reply: pb.GetResponse) -> None:
+    """Follows the reply's daemon and maps the segments and tensor tables it names; a CacheError when
+    this process can't (views.shm_error says why)."""
+    try:
+        proc.adopt(reply.instance, reply.control)
+    except OSError as exc:  # its control page
+        raise shm_error(reply.control, exc) from exc
+    for path in reply.segments.values():
+        if path not in proc.segments:
+            proc.segments[path] = Segment(path)
+    for lid, text in reply.layouts.items():
+        proc.layouts.setdefault(lid, decode_layout(text))
+
+
+def _message(cls: Callable[..., Any], **fields: Any) -> Any:
+    """A request message; InvalidSpec when an argument does not fit its field (limit=-1, a size
+    past uint32, keys that are not strings)."""
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as exc:
+        raise InvalidSpec(f"{cls.__name__}: {exc} (in {_short(fields)})") from None
+
+
+def _short(fields: dict[str, Any]) -> str:
+    text = repr(fields)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _retryable(exc: grpc.RpcError) -> bool:
+    """Unreachable, or busy: too many calls in flight (ours, or gRPC's own bound, which names none)."""
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    name = dict(exc.trailing_metadata() or ()).get(ERROR_METADATA, "") if hasattr(exc, "trailing_metadata") else ""
+    return name in ("", "Busy")
+
 
 def _mapped(exc: grpc.RpcError, target: str = "") -> CacheError:
-    code = exc.code()
+    """The CacheError of a failed call: the daemon's class when its trailing metadata names one, else
+    the status code's (errors.py); DaemonError for an RpcError that carries no status code."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    if not isinstance(code, grpc.StatusCode):
+        return DaemonError(f"call to {target or 'the daemon'} failed without a status code: {exc!r}")
     name = dict(exc.trailing_metadata() or ()).get(ERROR_METADATA, "") if hasattr(exc, "trailing_metadata") else ""
     if code == grpc.StatusCode.UNAVAILABLE and not name:
         return DaemonUnavailable(f"no cached daemon answering at {target or 'its address'}: {exc.details()}")

@@ -25,17 +25,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import overload
 
 import grpc
 
-from ._proto import cache_pb2 as pb
 from ._proto import cache_pb2_grpc
 from .specs import ImageSpec, Spec
 from .stamp import Stamp, source_stamp
 from .views import Lease, Segment
 from .wire import Layout
 
-__all__ = ["ProcessState", "Control", "MAX_IDLE", "WATCH_INTERVAL_S"]
+__all__ = ["ProcessState", "Control", "process_state", "MAX_IDLE", "WATCH_INTERVAL_S"]
 
 MAX_IDLE = 65536          # idle leases one process keeps at most
 IDLE_PAGES_BYTES = 64 << 20  # idle entries' pages a process keeps mapped; older ones are dropped
@@ -63,7 +63,6 @@ class Control:
 class ProcessState:
     channel: grpc.Channel
     stub: cache_pb2_grpc.CacheStub
-    owner: pb.Owner
     instance: str = ""
     segments: dict[str, Segment] = field(default_factory=dict)
     layouts: dict[int, Layout] = field(default_factory=dict)
@@ -195,3 +194,29 @@ class ProcessState:
 
         self.watcher = threading.Thread(target=watch, name="cached-leases", daemon=True)
         self.watcher.start()
+
+
+_states: dict[str, ProcessState] = {}  # this process's, by target
+_states_lock = threading.Lock()
+
+
+@overload
+def process_state(target: str) -> ProcessState | None: ...
+@overload
+def process_state(target: str, create: Callable[[str], ProcessState]) -> ProcessState: ...
+def process_state(target: str, create: Callable[[str], ProcessState] | None = None) -> ProcessState | None:
+    """This process's state for `target`, made with `create` on first use (None without it)."""
+    with _states_lock:
+        state = _states.get(target)
+        if state is None and create is not None:
+            state = _states[target] = create(target)
+        return state
+
+
+def _forget_states_in_child() -> None:
+    global _states_lock
+    _states_lock = threading.Lock()  # the parent's threads and their state did not come along
+    _states.clear()
+
+
+os.register_at_fork(after_in_child=_forget_states_in_child)
