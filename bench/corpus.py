@@ -52,9 +52,9 @@ class Corpus:
 
 
 @contextlib.contextmanager
-def corpus(n: int, sizes: tuple[str, ...] = tuple(SIZES)) -> Iterator[Corpus]:
+def corpus(n: int, sizes: tuple[str, ...] = tuple(SIZES), backend: str = "auto") -> Iterator[Corpus]:
     """Builds everything in private temporary directories and removes it all on exit, the daemon
-    stopped and its shared memory gone, whatever happened."""
+    stopped and its shared memory gone, whatever happened. `backend`: the daemon's store.shm_backend."""
     work = tempfile.mkdtemp(prefix="cached-bench-")
     shm = tempfile.mkdtemp(prefix="cached-bench-", dir="/dev/shm")
     daemon = None
@@ -64,8 +64,13 @@ def corpus(n: int, sizes: tuple[str, ...] = tuple(SIZES)) -> Iterator[Corpus]:
         for name in sizes:
             path = build_tiny_vae(os.path.join(work, f"vae-{name}"), latent_channels=SIZES[name], **_ONE_BLOCK)
             encoders[f"vae{SIZES[name]}"] = {"kind": "diffusers-vae", "path": path}
-        need = 2 * n * sum(SIZES[s] * IMAGE[0] * IMAGE[1] * 4 for s in sizes)  # slots with headers, 2x
-        daemon = Daemon(work, {"store": {"shm_bytes": max(need, 64 << 20)}, "encoders": encoders})
+        # room for the slots (a header page each) four times over: loaders may keep a dataset resident
+        # in up to half of shared memory, and other readers lease more beside them
+        need = 4 * n * sum(SIZES[s] * IMAGE[0] * IMAGE[1] * 4 + 4096 for s in sizes)
+        # one benchmark process plays many trainers' readers at once: it may hold every lease
+        daemon = Daemon(work, {"store": {"shm_bytes": max(need, 64 << 20), "shm_backend": backend},
+                               "encoders": encoders,
+                               "limits": {"client_leased_bytes": "100%"}})
         daemon.start()
         client = CacheClient(daemon.address, connect_timeout=5.0)
         t0 = time.perf_counter()

@@ -27,19 +27,22 @@ import warnings
 import common  # light (no torch at import); bench/ is on sys.path as the script's directory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OWN = {"common.py", "corpus.py", "methods.py", "dataloader.py", "lookup.py", "memory.py", "run.py"}
+OWN = {"common.py", "corpus.py", "methods.py", "readers.py", "dataloader.py", "lookup.py", "memory.py", "run.py"}
 
 
 def _peers() -> list[str]:
     """The other benchmark scripts in bench/ (compression, disk restart, weights loading, encoding,
+    cluster warm (cluster.py: a second node's cold start from a loopback S3 server, s3:// sources),
     ...), owned by other parts of the project: whichever exist."""
     return sorted(f for f in os.listdir(HERE) if f.endswith(".py") and f not in OWN)
 
 
 def _settings(quick: bool) -> dict[str, int]:
     if quick:
-        return {"n": 128, "rounds": 2, "epochs": 1, "mem_epochs": 2, "lookup_batch": 64, "lookup_reps": 50}
-    return {"n": 1024, "rounds": 7, "epochs": 2, "mem_epochs": 3, "lookup_batch": 256, "lookup_reps": 200}
+        return {"n": 128, "rounds": 2, "epochs": 1, "process_rounds": 1, "mem_epochs": 2, "lookup_batch": 64,
+                "lookup_reps": 50}
+    return {"n": 1024, "rounds": 5, "epochs": 2, "process_rounds": 3, "mem_epochs": 3, "lookup_batch": 256,
+            "lookup_reps": 200}
 
 
 def _peer(script: str, quick: bool, out: str, limit_s: int) -> str | None:
@@ -118,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== building {s['n']} latents per size", flush=True)
     with corpus(s["n"]) as c:
         print(f"   daemon computed {2 * s['n']} latents in {c.warm_s:.0f} s", flush=True)
-        print("== DataLoader throughput", flush=True)
-        dl = dataloader.run(c, rounds=s["rounds"], epochs=s["epochs"])
-        dl_md = dataloader.report(dl, c, 4, 32, s["rounds"])
+        print("== read throughput", flush=True)
+        dl = dataloader.run(c, rounds=s["rounds"], epochs=s["epochs"], process_rounds=s["process_rounds"])
+        dl_md = dataloader.report(dl, c, s["rounds"], s["epochs"])
         dataloader.plot(dl, os.path.join(out, "dataloader.png"))
         common.write_result(out, "dataloader.md", dl_md)
         print(dl_md, flush=True)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{minutes:.1f} min in all. Ratios compare methods measured in the same run.",
     ])
     rel = os.path.relpath(out, os.path.dirname(HERE))
-    block = "\n\n".join([header, dl_md, f"![DataLoader throughput]({rel}/dataloader.png)",
+    block = "\n\n".join([header, dl_md, f"![Read throughput]({rel}/dataloader.png)",
                          mem_md, f"![Memory vs trainers]({rel}/memory.png)", lk_md, *peers])
     common.write_result(out, "README-table.md", block)
     print(f"== done in {minutes:.1f} min; results in {out}", flush=True)

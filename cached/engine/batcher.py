@@ -160,6 +160,9 @@ class Batcher:
         self.limits = FitLimits(encoder.name, max_batch)
         self._queues: dict[Hashable, deque[tuple[float, Job]]] = {}
         self._expected: dict[Hashable, int] = {}  # jobs being prepared, per group: worth waiting for
+        self._waits: dict[int, list[float]] = {}  # per replica: how long its batch's jobs waited
+        # (items, seconds it took, each item's wait in the queue), after every batch: for metrics
+        self.on_batch: Callable[[int, float, list[float]], None] = lambda n, seconds, waits: None
         self.starved: Callable[[], bool] = lambda: False  # preparation is blocked: don't wait for it
         self._cv = threading.Condition()
         self._closed = False
@@ -244,7 +247,7 @@ class Batcher:
                 if wait > 0 and not self._closed:
                     self._cv.wait(wait)
                     continue
-                return self._take(queue, limit)
+                return self._take(queue, limit, self._waits.setdefault(replica, []))
 
     def _wait_s(self, group: Hashable, queue: deque[tuple[float, Job]], limit: int) -> float:
         """How long a partial batch of `group` may still wait to fill (<= 0: run it now)."""
@@ -256,25 +259,36 @@ class Batcher:
         return self.max_delay_s - waited
 
     @staticmethod
-    def _take(queue: deque[tuple[float, Job]], limit: int) -> list[Job]:
-        """Up to `limit` jobs that someone still wants; the others fail with Cancelled."""
+    def _take(queue: deque[tuple[float, Job]], limit: int, waits: list[float]) -> list[Job]:
+        """Up to `limit` jobs that someone still wants (how long each waited goes to `waits`); the
+        others fail with Cancelled."""
         jobs: list[Job] = []
+        now = time.monotonic()
         while queue and len(jobs) < limit:
-            job = queue.popleft()[1]
+            queued, job = queue.popleft()
             if job.wanted():
                 jobs.append(job)
+                waits.append(now - queued)
             else:
                 fail(job.future, Cancelled("every request waiting for this item has gone"))
         return jobs
+
+    def queued(self) -> int:
+        """Jobs waiting for a replica, and jobs being decoded for one."""
+        with self._cv:
+            return sum(len(q) for q in self._queues.values()) + sum(self._expected.values())
 
     def _loop(self, replica: int) -> None:
         while (jobs := self._next_batch(replica)) is not None:
             if not jobs:
                 continue
+            waits = self._waits.pop(replica, [])
             t0 = time.perf_counter()
             self._run(jobs, replica)
+            elapsed = time.perf_counter() - t0
             with self._stats:
-                self.busy_s += time.perf_counter() - t0
+                self.busy_s += elapsed
+            self.on_batch(len(jobs), elapsed, waits)
 
     def _run(self, jobs: list[Job], replica: int) -> None:
         """Encode and seal `jobs`; after a failure, retry in smaller batches."""

@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from cached_client.errors import CacheError, InvalidSpec, LimitExceeded
-from cached_client.specs import ImageSpec, Spec, TextSpec, decode_spec
-from cached_client.stamp import Stamp, stamp_of
+from cached_client.errors import CacheError, Cancelled, InvalidSpec, LimitExceeded
+from cached_client.specs import Spec, TextSpec, decode_spec
+from cached_client.stamp import Stamp
 
 from ..encoders import Encoder
+from .access import permits_read
 from .caller import Caller
 from .keys import entry_key
 from .limits import Limits
@@ -42,41 +42,73 @@ class Item:
     digest: bytes = b""         # the source's content digest (images)
     data: bytes | None = None   # the source bytes, when they were read to digest them
     acl: bool = False           # the source carries a POSIX ACL
+    dirs: tuple[str, ...] = ()  # directories a caller must be able to search to reach the source
 
 
 class Items:
     def __init__(self, sources: Sources, limits: Limits) -> None:
         self.sources = sources
         self.limits = limits
-        self._memo: OrderedDict[tuple[str, bytes], tuple[Item, Stamp | None]] = OrderedDict()
+        self._memo: dict[tuple[str, bytes], tuple[Item, Stamp | None]] = {}  # insertion order: FIFO
         self._memo_bytes = 0
         self._mu = threading.Lock()
 
     def parse(self, specs: bytes, enc: Encoder, caller: Caller,
               alive: Callable[[], bool] = lambda: True) -> list[Item | CacheError]:
         """One Item (or the item's error) per line; LimitExceeded for too many lines. Stops early
-        (the rest Cancelled) when `alive()` turns false: the caller went away."""
+        (the rest Cancelled) when `alive()` turns false: the caller went away.
+
+        A remembered line costs a dictionary lookup and a stat (its source unchanged?); the
+        directories on the way are checked once per request for all such items."""
         if not specs:
             return []
         n = specs.count(b"\n") + 1
         if n > self.limits.max_items:
             raise LimitExceeded(f"{n} items in one request, more than limits.max_items ({self.limits.max_items})")
+        check = self.sources.check_access and caller.uid != 0
+        memo, name = self._memo, enc.name
         out: list[Item | CacheError] = []
+        dirs: dict[str, list[int]] = {}  # directory -> items reached through it
         for i, line in enumerate(specs.split(b"\n")):
             if i % CHECK_EVERY == 0 and i and not alive():
-                from cached_client.errors import Cancelled
-
                 return out + [Cancelled("the call ended")] * (n - i)
-            out.append(self._item(i, line, enc, caller))
+            hit = memo.get((name, line))
+            item = self._fresh(hit, caller, check) if hit is not None else None
+            if isinstance(item, Item) and check:
+                for d in item.dirs:
+                    dirs.setdefault(d, []).append(i)
+            out.append(item if item is not None else self._item(i, line, enc, caller))
+        self._check_dirs(dirs, out, caller)
         return out
 
-    def _item(self, i: int, line: bytes, enc: Encoder, caller: Caller) -> Item | CacheError:
+    def _fresh(self, hit: tuple[Item, Stamp | None], caller: Caller, check: bool) -> Item | CacheError | None:
+        """The remembered item when its source is unchanged (None: go the whole way), or the refusal
+        when this caller may not read the file."""
+        item, stamp = hit
+        if stamp is None:
+            return item  # a text
         try:
-            item = self._remembered(enc, line, caller)
-            if item is not None:
-                return item
-            spec = self._decode(i, line)
-            return self._resolve(i, line, spec, enc, caller)
+            st = os.stat(item.spec.path)  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            return None
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != stamp:
+            return None
+        if check and not permits_read(caller, st, item.acl):
+            return self.sources.refuse(item.spec.path)  # type: ignore[union-attr]
+        return item
+
+    def _check_dirs(self, dirs: dict[str, list[int]], out: list[Item | CacheError], caller: Caller) -> None:
+        for directory, indices in dirs.items():
+            if not self.sources.access.searchable(caller, directory):
+                for i in indices:
+                    item = out[i]
+                    if isinstance(item, Item):
+                        out[i] = self.sources.refuse(item.spec.path)  # type: ignore[union-attr]
+
+    def _item(self, i: int, line: bytes, enc: Encoder, caller: Caller) -> Item | CacheError:
+        """The whole way: parse the line, open and check the source, digest it, key it."""
+        try:
+            return self._resolve(i, line, self._decode(i, line), enc, caller)
         except CacheError as exc:
             return exc
 
@@ -87,27 +119,6 @@ class Items:
                                max_text_bytes=lim.max_text_bytes)
         except (ValueError, TypeError, RecursionError) as exc:
             raise InvalidSpec(f"item {i}: {exc}") from None
-
-    def _remembered(self, enc: Encoder, line: bytes, caller: Caller) -> Item | None:
-        """The memo's item for the line when its source is unchanged and this caller may read it."""
-        with self._mu:
-            hit = self._memo.get((enc.name, line))
-            if hit is not None:
-                self._memo.move_to_end((enc.name, line))
-        if hit is None:
-            return None
-        item, stamp = hit
-        if not isinstance(item.spec, ImageSpec):
-            return item
-        try:
-            st = os.stat(item.spec.path)
-        except (OSError, ValueError):
-            return None  # gone or unreadable: the full path says why
-        if stamp_of(st) != stamp:
-            return None
-        if not self.sources.may_read(caller, st, item.spec.path, item.real, item.acl):
-            raise self.sources.refuse(item.spec.path)
-        return item
 
     def _resolve(self, i: int, line: bytes, spec: Spec, enc: Encoder, caller: Caller) -> Item:
         if isinstance(spec, TextSpec):
@@ -120,26 +131,31 @@ class Items:
         if enc.input != "image":
             raise InvalidSpec(f"item {i}: encoder {enc.name!r} takes text, not images")
         source = self.sources.digest(spec.path, caller)
+        dirs = tuple(dict.fromkeys((os.path.dirname(spec.path), os.path.dirname(source.real))))
         item = Item(spec, entry_key(source.digest, spec, enc.fingerprint), source.real, source.digest,
-                    source.data, source.acl)
+                    source.data, source.acl, dirs)
         if source.stamp is not None:
-            self._remember(enc, line, spec, Item(spec, item.key, source.real, source.digest, None, source.acl),
-                           source.stamp)
+            self._remember(enc, line, spec, replace(item, data=None), source.stamp)
         return item
 
     def _remember(self, enc: Encoder, line: bytes, spec: Spec, item: Item, stamp: Stamp | None) -> None:
         if line != spec.wire_json().encode():
             return  # not the canonical line: padded or reordered copies would only fill the memo
-        cost = len(line) + len(item.real) + MEMO_OVERHEAD
         with self._mu:
-            if (enc.name, line) in self._memo:
-                return
+            old = self._memo.pop((enc.name, line), None)
+            if old is not None:
+                self._memo_bytes -= _cost(line, old[0])
             self._memo[(enc.name, line)] = (item, stamp)
-            self._memo_bytes += cost
+            self._memo_bytes += _cost(line, item)
             while self._memo_bytes > self.limits.key_memo_bytes and self._memo:
-                (_, old_line), (old, _) = self._memo.popitem(last=False)
-                self._memo_bytes -= len(old_line) + len(old.real) + MEMO_OVERHEAD
+                first = next(iter(self._memo))
+                self._memo_bytes -= _cost(first[1], self._memo.pop(first)[0])
 
     @property
     def memo_bytes(self) -> int:
         return self._memo_bytes
+
+
+def _cost(line: bytes, item: Item) -> int:
+    """What a memo entry holds, roughly: its line, its paths and the objects around them."""
+    return len(line) + len(item.real) + MEMO_OVERHEAD

@@ -31,8 +31,8 @@ import grpc
 
 from ._proto import cache_pb2_grpc
 from .specs import ImageSpec, Spec
-from .stamp import Stamp, source_stamp
-from .views import Lease, Segment
+from .stamp import Stamp, unchanged
+from .views import Lease, Segment, open_readonly
 from .wire import Layout
 
 __all__ = ["ProcessState", "Control", "process_state", "MAX_IDLE", "WATCH_INTERVAL_S"]
@@ -47,8 +47,8 @@ HKey = tuple[str, Spec]   # (encoder, spec)
 class Control:
     """The daemon's control page, mapped read-only and shared, so its counter is always current."""
 
-    def __init__(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, path: str, open_fd: Callable[[str], int] = open_readonly) -> None:
+        fd = open_fd(path)
         try:
             self.map = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
@@ -78,6 +78,7 @@ class ProcessState:
     pressure_seen: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     watcher: threading.Thread | None = None
+    open_fd: Callable[[str], int] = open_readonly  # a read-only descriptor of a segment the daemon names
 
     def lookup(self, hkey: HKey) -> Lease | None:
         """A cached lease whose source is unchanged (caller holds the lock); stale ones are dropped."""
@@ -85,7 +86,7 @@ class ProcessState:
         if hit is None:
             return None
         lease, stamp = hit
-        if isinstance(hkey[1], ImageSpec) and (stamp is None or source_stamp(hkey[1].path) != stamp):
+        if isinstance(hkey[1], ImageSpec) and not unchanged(hkey[1].path, stamp):
             self._forget(hkey)  # rewritten (or too recently changed to tell): the daemon decides
             return None
         self.idle.pop(lease.lease_id, None)
@@ -171,19 +172,24 @@ class ProcessState:
             self.resident_bytes = 0
             self.control = None
         if control and self.control is None:
-            self.control = Control(control)
+            self.control = Control(control, self.open_fd)
             self.pressure_seen = self.control.pressure()
 
-    def start_watcher(self, release: Callable[[list[int]], None]) -> None:
+    def start_watcher(self, release: Callable[[list[int]], None], daemon_alive: Callable[[], bool]) -> None:
         """A daemon thread that gives idle leases back under pressure even when this process makes
-        no calls (an idle trainer must not pin the daemon's memory)."""
+        no calls (an idle trainer must not pin the daemon's memory), and drops the handles of a
+        daemon that is gone (its identity connection closed): they would be served from a dead
+        daemon's memory, which also stays allocated while they are mapped."""
         if self.watcher is not None:
             return
 
         def watch() -> None:
             while True:
                 time.sleep(WATCH_INTERVAL_S)
+                alive = daemon_alive()
                 with self.lock:
+                    if not alive:
+                        self.adopt("", "")
                     self.reap()
                     ids = self.take_due()
                 if ids:

@@ -16,12 +16,13 @@ the process when the last view died, which makes the lease idle (see handles.py)
 from __future__ import annotations
 
 import errno
+import importlib.util
 import mmap
 import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,12 +34,11 @@ from .wire import Layout
 
 __all__ = ["Segment", "Lease", "Entry", "HAVE_TORCH", "PAGE", "shm_error"]
 
+# The thin client runs without torch, handing out numpy arrays. torch is imported on the first tensor
+# made, not here: cachectl and other tools that never make one start in a fraction of the time.
 try:
-    import torch
-
-    HAVE_TORCH = True
-except ImportError:  # the thin client runs without torch, handing out numpy arrays
-    torch = None  # type: ignore[assignment]
+    HAVE_TORCH = importlib.util.find_spec("torch") is not None
+except (ImportError, ValueError):  # an import hook that refuses torch
     HAVE_TORCH = False
 
 PAGE = mmap.PAGESIZE
@@ -95,13 +95,19 @@ def shm_error(path: str, exc: OSError | ValueError) -> CacheError:
     return cls(f"{path}: {why} ({getattr(exc, 'strerror', None) or exc})")
 
 
+def open_readonly(path: str) -> int:
+    """A read-only descriptor of a segment file."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
 class Segment:
     """One shared-memory arena mapped into this process, for as long as the process lives."""
 
-    def __init__(self, path: str) -> None:
-        """Maps the segment at `path`; a CacheError (shm_error) when this process can't."""
+    def __init__(self, path: str, open_fd: Callable[[str], int] = open_readonly) -> None:
+        """Maps the segment the daemon names `path` (a file, or "memfd:..." whose descriptor the
+        identity socket hands over: `open_fd`); a CacheError (shm_error) when this process can't."""
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # kept: clean copies are read from it
+            self.fd = open_fd(path)  # kept: clean copies are read from it
         except OSError as exc:
             raise shm_error(path, exc) from exc
         try:
@@ -111,6 +117,18 @@ class Segment:
             raise shm_error(path, exc) from exc
         self.address = np.frombuffer(self.map, dtype=np.uint8, count=1).ctypes.data
         self.path = path
+        self._shared: np.ndarray | None = None
+
+    @property
+    def shared(self) -> np.ndarray:
+        """The segment as bytes through a second, read-only shared mapping: what gathers copy from
+        (never this process's written pages, and no page of it can be written)."""
+        if self._shared is None:
+            try:
+                self._shared = np.frombuffer(mmap.mmap(self.fd, 0, mmap.MAP_SHARED, mmap.PROT_READ), np.uint8)
+            except (OSError, ValueError) as exc:
+                raise shm_error(self.path, exc) from exc
+        return self._shared
 
     def dirty(self, offset: int, length: int) -> bool:
         """True when a page of [offset, offset+length) is this process's private copy (written to),
@@ -156,6 +174,7 @@ class Lease:
     instance: str = ""                    # the daemon instance that granted the lease
     base: _Watch | None = None            # weak reference to the numpy array under the live views
     hkeys: set[tuple[str, Spec]] = field(default_factory=set)  # handle-cache entries that name it
+    _arrays: list[tuple[str, str, weakref.ref]] = field(default_factory=list)  # per tensor, over the live base
 
     def alive(self) -> bool:
         return self.base is not None and self.base() is not None
@@ -166,17 +185,22 @@ class Lease:
         base = self.base() if self.base is not None else None
         if base is not None:
             if self.segment.dirty(self.offset, self.length):
-                return self._tensors(self.segment.clean_copy(self.offset, self.length), want_torch)
+                return _tensors(self._arrays_of(self.segment.clean_copy(self.offset, self.length)), want_torch)
+            live = [(name, dtype, ref()) for name, dtype, ref in self._arrays]
+            if want_torch and all(arr is not None for _, _, arr in live):
+                return _tensors(live, True)  # type: ignore[arg-type]  # the live arrays, new tensors
         else:
             if self.segment.dirty(self.offset, self.length):
                 self.segment.drop_pages(self.offset, self.length)
             base = np.frombuffer(self.segment.map, dtype=np.uint8, count=self.length, offset=self.offset)
             self.base = _Watch(base, dead.append, self)
-        return self._tensors(base, want_torch)
+        arrays = self._arrays_of(base)
+        self._arrays = [(name, dtype, weakref.ref(arr)) for name, dtype, arr in arrays]
+        return _tensors(arrays, want_torch)
 
-    def _tensors(self, base: np.ndarray, want_torch: bool) -> dict[str, Any]:
-        return {name: _tensor(base, dtype, shape, off, nbytes, want_torch)
-                for name, dtype, shape, off, nbytes in self.layout}
+    def _arrays_of(self, base: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+        return [(name, dtype, base[off:off + nbytes].view(_NUMPY[dtype]).reshape(shape))
+                for name, dtype, shape, off, nbytes in self.layout]
 
 
 class _Watch(weakref.ref):
@@ -193,14 +217,20 @@ class _Watch(weakref.ref):
         self.lease = lease
 
 
-def _tensor(base: np.ndarray, dtype: str, shape: tuple[int, ...], off: int, nbytes: int,
-            want_torch: bool) -> Any:
-    arr: np.ndarray = base[off:off + nbytes].view(_NUMPY[dtype]).reshape(shape)
-    if not want_torch:
-        arr.flags.writeable = False
-        return arr
-    t = torch.from_numpy(arr)
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+def _tensors(arrays: list[tuple[str, str, np.ndarray]], want_torch: bool) -> dict[str, Any]:
+    """Fresh torch tensors over the arrays; or read-only numpy views of them."""
+    out: dict[str, Any] = {}
+    for name, dtype, arr in arrays:
+        if not want_torch:
+            view = arr.view()
+            view.flags.writeable = False
+            out[name] = view
+        else:
+            import torch  # noqa: PLC0415 - see HAVE_TORCH
+
+            t = torch.from_numpy(arr)
+            out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
+    return out
 
 
 @dataclass(eq=False)

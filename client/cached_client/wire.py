@@ -16,8 +16,13 @@ import numpy as np
 
 from .errors import ProtocolError
 
-__all__ = ["HANDLE", "pack_leases", "unpack_leases", "unpack_handles", "encode_layout", "decode_layout",
-           "Layout"]
+__all__ = ["HANDLE", "pack_leases", "unpack_leases", "unpack_handles", "check_handles", "encode_layout",
+           "decode_layout", "Layout", "SLOT_KEY", "SLOT_GENERATION"]
+
+# where a sealed slot's header keeps its key and generation (cached/store/slot.py pins the format): a
+# reader checks them after copying, to know the slot was not reused under it
+SLOT_KEY = slice(8, 40)
+SLOT_GENERATION = slice(40, 48)
 
 HANDLE = np.dtype([
     ("key", "S32"),       # raw blake2b-256 digest (numpy drops its trailing zero bytes on read: pad)
@@ -45,9 +50,15 @@ def unpack_leases(data: bytes) -> list[int]:
 
 def unpack_handles(data: bytes, count: int, failed: Collection[int], segments: Container[int],
                    layouts: Container[int]) -> list[tuple]:
-    """The `count` records of a reply's handles, as tuples (fast to unpack); ProtocolError unless there
-    are exactly that many, every failed index is an item, and every other item names a segment and a
-    layout of the reply."""
+    """The `count` records of a reply's handles, as tuples (fast to unpack); see check_handles."""
+    return check_handles(data, count, failed, segments, layouts).tolist()
+
+
+def check_handles(data: bytes, count: int, failed: Collection[int], segments: Container[int],
+                  layouts: Container[int]) -> np.ndarray:
+    """The `count` records of a reply's handles, as an array; ProtocolError unless there are exactly
+    that many, every failed index is an item, and every other item names a segment and a layout of
+    the reply."""
     if len(data) != count * HANDLE.itemsize:
         raise ProtocolError(f"reply has {len(data)} bytes of handles for {count} items of "
                             f"{HANDLE.itemsize} bytes: client and daemon disagree about the format")
@@ -59,7 +70,7 @@ def unpack_handles(data: bytes, count: int, failed: Collection[int], segments: C
         unknown = [i for i in set(held[name].tolist()) if i not in known]  # a few ids: cheaper than per item
         if unknown:
             raise ProtocolError(f"reply items name {name} ids {unknown[:5]}, which the reply does not define")
-    return records.tolist()
+    return records
 
 
 def encode_layout(layout: Layout) -> str:
