@@ -513,8 +513,11 @@ def test_a_segment_this_user_may_not_open_is_permission_denied():
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_a_client_whose_user_may_not_map_the_segments_gets_permission_denied(daemon):
+def test_a_client_whose_user_may_not_map_the_segments_gets_permission_denied(daemon_factory, tiny_vae):
+    from conftest import vae_config
+
     _nobody()
+    daemon = daemon_factory(vae_config(tiny_vae, shm_backend="dev-shm"))  # segments as files, by path
     workdir = tempfile.mkdtemp(prefix="cached-garbage-")  # unlike the daemon's, reachable by nobody
     os.chmod(workdir, 0o755)
     [image] = write_images(os.path.join(workdir, "images"), 1, [(64, 64)])

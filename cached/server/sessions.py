@@ -15,11 +15,16 @@ exits (a forked child still holding the socket does not keep its parent's sessio
 Protocol (SOCK_SEQPACKET, one JSON object per message):
     client -> {"op": "hello", "version": 1}
     daemon -> {"session": TOKEN, "instance": ID, "pid": PID as the daemon sees it, "uid": UID}
-A connection that sends anything else, or nothing within HELLO_TIMEOUT_S, is closed.
+    client -> {"op": "segments", "paths": ["memfd:cached-...", ...]}        (any time after)
+    daemon -> {"paths": [...]} with one read-only descriptor per path (SCM_RIGHTS), or {"error": ...}
+A connection that sends anything else, or no hello within HELLO_TIMEOUT_S, is closed. The segments
+request is how a client maps memfd arenas (cached/store/arena.py): a client in a container that
+shares only the socket's directory gets the memory itself, no /dev/shm needed.
 """
 
 from __future__ import annotations
 
+import array
 import json
 import logging
 import os
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 5.0
 MAX_MESSAGE = 4096
+MAX_FDS = 64  # descriptors handed over in one reply (a daemon has a few segments)
 MAX_SESSIONS = 65536  # one per client process: far beyond any machine's trainers and workers
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
@@ -60,10 +66,11 @@ class SessionServer:
     """Listens on the identity socket; issues, tracks and ends sessions. Thread-safe."""
 
     def __init__(self, path: str, instance: str, on_close: Callable[[Caller], object],
-                 group: int | None = None) -> None:
+                 group: int | None = None, fds: Callable[[list[str]], list[int]] | None = None) -> None:
         self.path = path
         self.instance = instance
         self.on_close = on_close
+        self.fds = fds or _no_segments
         self._sessions: dict[str, Session] = {}
         self._by_fd: dict[int, Session] = {}
         self._pending: dict[int, tuple[socket.socket, float]] = {}  # connected, no hello yet
@@ -142,21 +149,32 @@ class SessionServer:
             if msg.get("version") != PROTOCOL_VERSION:
                 raise ValueError(f"protocol version {msg.get('version')!r}, this daemon speaks {PROTOCOL_VERSION}")
             session = self._open(conn)
-            conn.send(json.dumps({"session": session.token, "instance": self.instance,
-                                  "pid": session.caller.pid, "uid": session.caller.uid}).encode())
         except (OSError, ValueError) as exc:
             log.info("identity socket: refused a connection: %s", exc)
             self._drop(conn)
             return
+        # known before the client has the token: its first call may arrive before this thread runs again
         with self._mu:
             self._sessions[session.token] = session
+        try:
+            conn.send(json.dumps({"session": session.token, "instance": self.instance,
+                                  "pid": session.caller.pid, "uid": session.caller.uid}).encode())
+        except OSError as exc:
+            log.info("identity socket: could not answer a hello: %s", exc)
+            with self._mu:
+                del self._sessions[session.token]
+            if session.pidfd is not None:
+                os.close(session.pidfd)
+            self._drop(conn)
+            return
         self._by_fd[conn.fileno()] = session
         self._selector.register(conn, selectors.EVENT_READ, session)  # readable: EOF or chatter
         if session.pidfd is not None:
             self._selector.register(session.pidfd, selectors.EVENT_READ, session)
 
     def _message(self, session: Session) -> None:
-        """A message on an open session: EOF ends it; no request is defined after the hello yet."""
+        """A message on an open session: EOF ends it; a segments request is answered with the
+        segments' read-only descriptors (SCM_RIGHTS); anything else ends the session."""
         try:
             data = session.sock.recv(MAX_MESSAGE)
         except (BlockingIOError, InterruptedError):
@@ -165,9 +183,25 @@ class SessionServer:
             data = b""
         if not data:
             self._end(session, "connection closed")
-        else:
-            log.info("session of pid %d sent an unknown request; closing it", session.caller.pid)
+            return
+        try:
+            paths = _segments_request(data)
+        except ValueError as exc:
+            log.info("session of pid %d sent a bad request (%s); closing it", session.caller.pid, exc)
             self._end(session, "protocol error")
+            return
+        self._send_fds(session, paths)
+
+    def _send_fds(self, session: Session, paths: list[str]) -> None:
+        try:
+            fds = self.fds(paths)
+            reply = json.dumps({"paths": paths}).encode()
+            session.sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        except ValueError as exc:  # not a segment of this daemon
+            session.sock.send(json.dumps({"error": str(exc)}).encode())
+        except OSError as exc:
+            log.info("could not hand segments to pid %d: %s", session.caller.pid, exc)
+            self._end(session, "send failed")
 
     def _open(self, conn: socket.socket) -> Session:
         if len(self._sessions) >= MAX_SESSIONS:
@@ -227,6 +261,21 @@ class SessionServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _no_segments(paths: list[str]) -> list[int]:
+    raise ValueError("this daemon's segments are files: open them by path")
+
+
+def _segments_request(data: bytes) -> list[str]:
+    """The paths a {"op": "segments", "paths": [...]} request asks for (at most MAX_FDS)."""
+    msg = json.loads(data)
+    if not (isinstance(msg, dict) and msg.get("op") == "segments"):
+        raise ValueError(f"unknown request {str(msg)[:80]!r}")
+    paths = msg.get("paths")
+    if not (isinstance(paths, list) and 0 < len(paths) <= MAX_FDS and all(isinstance(p, str) for p in paths)):
+        raise ValueError(f"segments wants 1..{MAX_FDS} paths")
+    return paths
 
 
 def _peer_groups(conn: socket.socket) -> list[int]:

@@ -16,8 +16,8 @@ every get and release their idle leases when it changes.
 
 from __future__ import annotations
 
+import functools
 import logging
-import mmap
 import os
 import struct
 import threading
@@ -26,8 +26,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from cached_client.errors import CapacityError, LimitExceeded
-from cached_client.wire import Layout, encode_layout
+from cached_client.wire import HANDLE, Layout, encode_layout
 
 from .alloc import PAGE, round_up
 from .arena import Arena, check_shm_capacity
@@ -58,6 +60,12 @@ class Entry:
     leases: int = 0
     indexed: bool = True  # False once evicted while held: freed when the last lease goes
 
+    @functools.cached_property
+    def record(self) -> bytes:
+        """Its wire.HANDLE record with lease 0: a reply copies it and sets the lease."""
+        return np.array([(self.key, 0, self.generation, self.offset, self.length, self.segment, self.layout_id)],
+                        dtype=HANDLE).tobytes()
+
 
 @dataclass
 class _Layouts:
@@ -82,25 +90,30 @@ class ShmStore:
     """Owns the daemon's arenas. All methods are thread-safe."""
 
     def __init__(self, shm_dir: str, capacity: int, instance: str, group: int | None = None,
-                 arena_bytes: int = MAX_ARENA, owner_cap: int | None = None) -> None:
+                 arena_bytes: int = MAX_ARENA, owner_cap: int | None = None, backend: str = "dev-shm") -> None:
         if capacity < PAGE:
             raise ValueError(f"shm_bytes must be at least {PAGE}, got {capacity!r}")
         self.shm_dir = shm_dir
         self.instance = instance
-        sweep_stale(shm_dir)
-        check_shm_capacity(shm_dir, capacity)
-        self._lock_fd: int | None = hold_instance_lock(shm_dir, instance)
+        self.backend = backend
+        self._lock_fd: int | None = None
+        if backend == "dev-shm":  # files by name: sweep dead daemons' files, check the room, mark ours
+            sweep_stale(shm_dir)
+            check_shm_capacity(shm_dir, capacity)
+            self._lock_fd = hold_instance_lock(shm_dir, instance)
         self.arenas: list[Arena] = []
         try:
             n = -(-capacity // arena_bytes)
             per = round_up(-(-capacity // n))
             for seq in range(n):
-                self.arenas.append(Arena(shm_dir, segment_name(instance, seq), per, group))
+                self.arenas.append(Arena(shm_dir, segment_name(instance, seq), per, group, backend))
+            self._control_arena = Arena(shm_dir, control_name(instance), PAGE, group, backend)
         except BaseException:
             self.close()
             raise
         self.capacity = sum(a.size for a in self.arenas)
-        self.control_path, self._control = self._make_control(group)
+        self.control_path, self._control = self._control_arena.path, self._control_arena.map
+        self._control[:8] = CONTROL_MAGIC
         self.pressure = 0
         self.leased_bytes = 0
         self._over_half = False
@@ -116,22 +129,10 @@ class ShmStore:
         self._next_lease = 1
         self._generation = 0
         self.evictions = 0
+        self.evictions_explicit = 0  # by Evict; the rest made room for new entries
         self.bytes_used = 0
-        log.info("shared memory: %d arena(s), %d bytes in %s", len(self.arenas), self.capacity, shm_dir)
-
-    def _make_control(self, group: int | None) -> tuple[str, mmap.mmap]:
-        path = os.path.join(self.shm_dir, control_name(self.instance))
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o640)
-        try:
-            os.fchmod(fd, 0o640)
-            if group is not None:
-                os.fchown(fd, -1, group)
-            os.ftruncate(fd, PAGE)
-            page = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        page[:8] = CONTROL_MAGIC
-        return path, page
+        log.info("shared memory: %d arena(s), %d bytes, %s", len(self.arenas), self.capacity,
+                 "memfd" if backend == "memfd" else f"in {shm_dir}")
 
     def _bump_pressure(self, why: str) -> None:
         self.pressure += 1
@@ -203,29 +204,54 @@ class ShmStore:
 
     # leases
 
+    def acquire_many(self, keys: list[bytes], owner: Owner | None) -> list[tuple[Entry, int] | LimitExceeded | None]:
+        """For each key: (entry, lease id) when indexed (lease 0 without an owner), None on a
+        miss, LimitExceeded past the owner's cap. One lock for the batch: a 256-key hit costs no
+        more locking than one."""
+        out: list[tuple[Entry, int] | LimitExceeded | None] = []
+        with self._mu:
+            for key in keys:
+                entry = self._index.get(key)
+                if entry is None:
+                    out.append(None)
+                elif owner is None:
+                    if entry.key in self._lru:
+                        self._lru.move_to_end(key)
+                    out.append((entry, 0))
+                else:
+                    try:
+                        out.append((entry, self._lease(entry, owner)))
+                    except LimitExceeded as exc:
+                        out.append(exc)
+        return out
+
     def lease(self, entry: Entry, owner: Owner) -> int | None:
         """A new lease on an entry; None when it was evicted since it was looked up. LimitExceeded
         when the owner would hold more than `owner_cap` bytes: one client can't starve the rest."""
         with self._mu:
             if not entry.indexed:
                 return None
-            held = self._owner_bytes.get(owner, 0)
-            if self.owner_cap is not None and held + entry.length > self.owner_cap:
-                raise LimitExceeded(f"this process holds {held} bytes of leases, its cap is {self.owner_cap}"
-                                    f" (limits.client_leased_bytes); drop views or let idle leases go")
-            self._owner_bytes[owner] = held + entry.length
-            lid = self._next_lease
-            self._next_lease += 1
-            self._leases[lid] = (owner, entry)
-            self._by_owner.setdefault(owner, set()).add(lid)
-            entry.leases += 1
-            if entry.leases == 1:
-                self._lru.pop(entry.key, None)
-                self.leased_bytes += entry.length
-                if not self._over_half and self.leased_bytes > self.capacity // 2:
-                    self._over_half = True  # bump once per crossing, not once per lease
-                    self._bump_pressure("leases hold half the capacity")
-            return lid
+            return self._lease(entry, owner)
+
+    def _lease(self, entry: Entry, owner: Owner) -> int:
+        """Leases an indexed entry (caller holds the lock)."""
+        held = self._owner_bytes.get(owner, 0)
+        if self.owner_cap is not None and held + entry.length > self.owner_cap:
+            raise LimitExceeded(f"this process holds {held} bytes of leases, its cap is {self.owner_cap}"
+                                f" (limits.client_leased_bytes); drop views or let idle leases go")
+        self._owner_bytes[owner] = held + entry.length
+        lid = self._next_lease
+        self._next_lease += 1
+        self._leases[lid] = (owner, entry)
+        self._by_owner.setdefault(owner, set()).add(lid)
+        entry.leases += 1
+        if entry.leases == 1:
+            self._lru.pop(entry.key, None)
+            self.leased_bytes += entry.length
+            if not self._over_half and self.leased_bytes > self.capacity // 2:
+                self._over_half = True  # bump once per crossing, not once per lease
+                self._bump_pressure("leases hold half the capacity")
+        return lid
 
     def release(self, owner: Owner, lease_ids: Iterable[int]) -> int:
         """Gives back leases; ids that are not this owner's are ignored. Returns how many went."""
@@ -288,6 +314,7 @@ class ShmStore:
                     freed += entry.length
                 self._drop(entry)
             self.evictions += len(victims)
+            self.evictions_explicit += len(victims)
             if pending:
                 self._bump_pressure("evicted entries are still held")
             return len(victims), freed, pending
@@ -302,20 +329,28 @@ class ShmStore:
         with self._mu:
             return {"entries": len(self._index), "bytes": self.bytes_used,
                     "capacity_bytes": self.capacity, "leases": len(self._leases),
-                    "evictions": self.evictions}
+                    "evictions": self.evictions, "evictions_explicit": self.evictions_explicit,
+                    "held_bytes": sum(a.held_bytes() for a in self.arenas)}
 
     def segment_paths(self) -> list[str]:
         return [a.path for a in self.arenas]
 
+    def client_fds(self, paths: list[str]) -> list[int]:
+        """Read-only descriptors of memfd segments (and the control page) by the paths replies
+        name, for the identity socket to hand over; ValueError for a path that is not one of ours."""
+        ours = {a.path: a.client_fd for a in [*self.arenas, self._control_arena] if a.client_fd >= 0}
+        unknown = [p for p in paths if p not in ours]
+        if unknown:
+            raise ValueError(f"no such segment of this daemon: {unknown[0][:80]!r}")
+        return [ours[p] for p in paths]
+
     def close(self) -> None:
-        """Unlinks every segment and the instance lock."""
-        for arena in self.arenas:
+        """Unlinks every segment and the instance lock (a memfd goes with its last descriptor)."""
+        control = getattr(self, "_control_arena", None)
+        for arena in [*self.arenas, *([control] if control is not None else [])]:
             arena.close()
         self.arenas = []
-        control = getattr(self, "_control", None)
-        if control is not None and not control.closed:
-            control.close()
-            os.unlink(self.control_path)
+        self._control_arena = None  # type: ignore[assignment]
         fd = getattr(self, "_lock_fd", None)
         if fd is not None:
             try:

@@ -11,12 +11,13 @@ opens a session of its own on its first call), so it never keeps its parent's se
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import DaemonUnavailable, ProtocolError
 
@@ -26,11 +27,21 @@ __all__ = ["Session", "process_session", "current_session", "forget_session", "i
 
 PROTOCOL_VERSION = 1
 SESSION_METADATA = "cached-session"  # gRPC metadata key that carries the token
+MEMFD_PREFIX = "memfd:"  # a segment the daemon names this way has no file: its descriptor comes from here
+_MAX_FDS = 64
 _MAX_REPLY = 4096
 
 _open_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 _sessions: dict[str, Session] = {}  # this process's, by gRPC socket path
 _lock = threading.Lock()
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
+    return fds
 
 
 def identity_socket(grpc_socket: str) -> str:
@@ -44,6 +55,27 @@ class Session:
     token: str
     instance: str
     pid: int  # this process's pid as the daemon sees it (another pid namespace may differ)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one request at a time on the socket
+
+    def segment_fds(self, paths: list[str], timeout: float = 10.0) -> list[int]:
+        """Read-only descriptors of the daemon's memfd segments `paths`, handed over this
+        connection (SCM_RIGHTS). DaemonUnavailable when the daemon is gone, ProtocolError when it
+        answers something else."""
+        with self.lock:
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.send(json.dumps({"op": "segments", "paths": paths}).encode())
+                data, ancillary, flags, _ = self.sock.recvmsg(_MAX_REPLY, socket.CMSG_SPACE(_MAX_FDS * 4))
+            except OSError as exc:
+                raise DaemonUnavailable(f"the daemon's identity socket: {exc.strerror or exc}") from None
+            finally:
+                self.sock.settimeout(None)
+        fds = _received_fds(ancillary)
+        if not data or flags & socket.MSG_CTRUNC or len(fds) != len(paths):
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(f"the daemon answered {data[:120]!r} for segments {paths}")
+        return fds
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

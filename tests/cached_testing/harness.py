@@ -51,8 +51,11 @@ def write_config(path: str, config: dict[str, dict[str, Any]]) -> str:
 class Daemon:
     """A `cached serve` subprocess with its own socket, shm directory and log file."""
 
-    def __init__(self, workdir: str, config: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, workdir: str, config: dict[str, dict[str, Any]], env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.env = env  # the child's whole environment; None: this process's
+        self.prefix = prefix or []  # a command that execs the daemon, e.g. into a private mount namespace
         self.socket = os.path.join(workdir, "cached.sock")
         self.shm_dir = tempfile.mkdtemp(prefix="cached-test-", dir="/dev/shm")
         config = {k: dict(v) for k, v in config.items()}
@@ -70,8 +73,8 @@ class Daemon:
         """Starts the process without waiting for it to serve."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cached", "serve", "--config", self.config_path, "--socket", self.socket],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                [*self.prefix, sys.executable, "-m", "cached", "serve", "--config", self.config_path, "--socket", self.socket],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env)
         return self.proc
 
     def start(self, timeout: float = 120.0) -> Daemon:
@@ -89,6 +92,15 @@ class Daemon:
                 pass  # not listening yet, or too busy loading to answer within the health timeout
             time.sleep(0.1)
         raise RuntimeError(f"daemon not SERVING after {timeout} s:\n{self.log()}")
+
+    def reload(self, config: dict[str, dict[str, Any]]) -> None:
+        """Rewrites the config file (this daemon's shm and disk directories kept) and sends SIGHUP."""
+        config = {k: dict(v) for k, v in config.items()}
+        config.setdefault("store", {}).setdefault("shm_dir", self.shm_dir)
+        config["store"].setdefault("disk_dir", self.disk_dir)
+        os.replace(write_config(self.config_path + ".new", config), self.config_path)
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
 
     def client(self, **kwargs: Any) -> CacheClient:
         kwargs.setdefault("connect_timeout", 5.0)
