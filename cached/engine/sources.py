@@ -10,6 +10,9 @@ that could tell a caller whether a file it may not read exists all carry one mes
 
 Digests are remembered by real path and stamp (cached_client/stamp.py); a file changed too recently
 to be told apart by its stamp is not remembered.
+
+An `s3://bucket/key` source goes to objectsources.py instead (its own allowed_roots entries, ETags
+for stamps); its Source has the URL for `real`, no stamp and no ACL.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ import threading
 from dataclasses import dataclass
 
 from cached_client.errors import LimitExceeded, SourceError, SourceNotAllowed
+from cached_client.specs import is_object_url
 from cached_client.stamp import Stamp, stamp_of
 
+from ..store.remoteclient import ObjectReader
 from .access import AccessCheck, has_acl
 from .caller import Caller
+from .objectsources import ObjectSources
 
 __all__ = ["Sources", "Source", "DEFAULT_MAX_SOURCE_BYTES"]
 
@@ -45,8 +51,12 @@ class Source:
 
 class Sources:
     def __init__(self, allowed_roots: list[str] | None = None, max_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
-                 check_access: bool = True) -> None:
-        self.roots = [os.path.realpath(r) for r in (allowed_roots or [])]
+                 check_access: bool = True, objects: ObjectReader | None = None) -> None:
+        """`objects` reads s3:// sources (under the s3:// entries of `allowed_roots`); None: they
+        are refused."""
+        self.roots = [os.path.realpath(r) for r in (allowed_roots or []) if not is_object_url(r)]
+        self.restricted = bool(allowed_roots)  # roots of s3:// entries only admit no local file
+        self.objects = ObjectSources(allowed_roots or [], objects, max_bytes)
         self.max_bytes = max_bytes
         self.check_access = check_access
         self.access = AccessCheck()
@@ -56,7 +66,7 @@ class Sources:
     # paths
 
     def _inside(self, real: str) -> bool:
-        return not self.roots or any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.roots)
+        return not self.restricted or any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.roots)
 
     def resolve(self, path: str) -> str:
         """The path with symlinks resolved (whether or not the file exists), refused unless that lies
@@ -89,6 +99,9 @@ class Sources:
         return self._open(path, caller, always_read=True)
 
     def _open(self, path: str, caller: Caller, always_read: bool) -> Source:
+        if is_object_url(path):
+            digest, data = self.objects.fetch(path, always_read)
+            return Source(path, digest, data, None, False)
         self.resolve(path)
         try:
             fd = os.open(path, _OPEN_FLAGS)
@@ -152,3 +165,6 @@ class Sources:
         except OSError as exc:
             raise SourceError(f"{path}: {exc.strerror or exc}") from None
         return b"".join(chunks)
+
+    def close(self) -> None:
+        self.objects.close()

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidSpec
 
 __all__ = ["ImageSpec", "TextSpec", "Spec", "encode_specs", "decode_spec", "check_path", "check_text",
-           "line_limit", "CROPS", "MAX_SIDE", "MAX_PATH_BYTES", "MAX_PATH_DEPTH", "MAX_TEXT_BYTES",
+           "check_object_url", "is_object_url", "OBJECT_SCHEME", "line_limit", "CROPS", "MAX_SIDE", "MAX_PATH_BYTES", "MAX_PATH_DEPTH", "MAX_TEXT_BYTES",
            "MAX_LINE_BYTES", "IMAGE_EXTENSIONS"]
 
 CROPS = ("center", "random", "none")
@@ -80,6 +81,43 @@ def check_path(path: object, *, max_bytes: int = MAX_PATH_BYTES, max_depth: int 
     return path
 
 
+OBJECT_SCHEME = "s3://"  # a source in an object store: s3://bucket/key
+MAX_OBJECT_KEY_BYTES = 1024  # S3's own bound on a key
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def is_object_url(path: object) -> bool:
+    """Whether a source path names an object (s3://bucket/key) rather than a local file."""
+    return isinstance(path, str) and path.startswith(OBJECT_SCHEME)
+
+
+def check_object_url(url: object, *, max_bytes: int = MAX_PATH_BYTES, max_depth: int = MAX_PATH_DEPTH) -> str:
+    """`url` when it names one object, s3://bucket/key, as written: a valid bucket name, a key of at
+    most 1024 bytes with no NUL or control character and no empty, "." or ".." segment, so that the
+    key is the object's literal name and a prefix of it (allowed_roots) means what it says;
+    InvalidSpec naming the value otherwise."""
+    if not is_object_url(url):
+        raise InvalidSpec(f"object URL must start with {OBJECT_SCHEME}, got {_short(url)}")
+    assert isinstance(url, str)
+    bucket, _, key = url[len(OBJECT_SCHEME):].partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise InvalidSpec(f"not a valid bucket name in {_short(url)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        raise InvalidSpec(f"object URL must not contain control characters, got {_short(url)}")
+    if not key or any(part in ("", ".", "..") for part in key.split("/")):
+        raise InvalidSpec(f"object key must be non-empty with no empty, '.' or '..' segment, got {_short(url)}")
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidSpec(f"object URL is not valid UTF-8 at character {exc.start}: {_short(url)}") from None
+    if size > min(MAX_OBJECT_KEY_BYTES, max_bytes):
+        raise InvalidSpec(f"object key is longer than {min(MAX_OBJECT_KEY_BYTES, max_bytes)} bytes ({size}): "
+                          f"{_short(url)}")
+    if key.count("/") + 1 > max_depth:
+        raise InvalidSpec(f"object key is deeper than {max_depth} components: {_short(url)}")
+    return url
+
+
 def check_text(text: object, *, max_bytes: int = MAX_TEXT_BYTES, what: str = "text") -> str:
     """`text` when it is a str of valid UTF-8 without NUL bytes, at most `max_bytes` bytes encoded;
     InvalidSpec naming `what` and the value otherwise."""
@@ -125,13 +163,27 @@ def _check_flip(flip: object) -> bool:
     return flip
 
 
-@dataclass(frozen=True)
-class ImageSpec:
+class _ByWire:
+    """Equality and hash by the canonical wire line, which says everything about a spec: a spec is
+    hashed on every handle-cache lookup, and bytes keep their hash."""
+
+    _wire: bytes
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._wire == self._wire  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._wire)
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSpec(_ByWire):
     """An image file, resized to cover `size` (width, height), cropped, optionally flipped.
 
     `crop` is "center", "random" (seeded from the spec: the same spec is always the same crop),
     "none" (stretch to `size`), or a (left, top, right, bottom) box in source pixels.
-    The path is made absolute here, since the daemon does not share the caller's working directory.
+    The path is made absolute here, since the daemon does not share the caller's working directory;
+    an object URL (s3://bucket/key) is kept as written and never touches the local filesystem.
     A bad value raises InvalidSpec (a ValueError) naming it.
     """
 
@@ -142,7 +194,9 @@ class ImageSpec:
     _wire: bytes = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        self._fill(check_path(os.path.abspath(_as_str(self.path))), self.size, self.crop, self.flip)
+        path = _as_str(self.path)
+        path = check_object_url(path) if is_object_url(path) else check_path(os.path.abspath(path))
+        self._fill(path, self.size, self.crop, self.flip)
 
     @classmethod
     def _of_checked_path(cls, path: str, size: object, crop: object, flip: object) -> ImageSpec:
@@ -166,8 +220,8 @@ class ImageSpec:
         return self._wire.decode()
 
 
-@dataclass(frozen=True)
-class TextSpec:
+@dataclass(frozen=True, eq=False)
+class TextSpec(_ByWire):
     """A text prompt for a text encoder: a str of valid UTF-8, no NUL byte, at most MAX_TEXT_BYTES."""
 
     text: str
@@ -219,8 +273,11 @@ def decode_spec(line: bytes, *, max_path_bytes: int = MAX_PATH_BYTES, max_path_d
     item = _parse(line)
     if isinstance(item, list) and len(item) == 6 and item[0] == "i":
         _, path, w, h, crop, flip = item
-        path = check_path(path, max_bytes=max_path_bytes, max_depth=max_path_depth)
-        return ImageSpec._of_checked_path(os.path.normpath(path), (w, h),
+        if is_object_url(path):
+            path = check_object_url(path, max_bytes=max_path_bytes, max_depth=max_path_depth)
+        else:
+            path = os.path.normpath(check_path(path, max_bytes=max_path_bytes, max_depth=max_path_depth))
+        return ImageSpec._of_checked_path(path, (w, h),
                                           tuple(crop) if isinstance(crop, list) else crop, flip)
     if isinstance(item, list) and len(item) == 2 and item[0] == "t":
         return TextSpec._of_checked_text(check_text(item[1], max_bytes=max_text_bytes))

@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["Stamp", "source_stamp", "stamp_of", "RACY_NS"]
+from .specs import OBJECT_SCHEME
+
+__all__ = ["Stamp", "source_stamp", "stamp_of", "unchanged", "RACY_NS"]
 
 RACY_NS = 2_000_000_000  # coarser than any filesystem's timestamp granularity in use (FAT's 2 s)
 
@@ -35,8 +37,23 @@ def stamp_of(st: os.stat_result, now_ns: int | None = None) -> Stamp | None:
 
 
 def source_stamp(path: str) -> Stamp | None:
-    """The stamp of the file at `path`; None when it can't be stat'ed or changed too recently."""
+    """The stamp of the file at `path`; None when it can't be stat'ed or changed too recently, and
+    for an object (s3://...): the daemon tells its versions apart by ETag, and a local stat of the
+    URL would look up a relative path."""
+    if path.startswith(OBJECT_SCHEME):
+        return None
     try:
         return stamp_of(os.stat(path))
     except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return None
+
+
+def unchanged(path: str, stamp: Stamp | None) -> bool:
+    """The file at `path` still has `stamp` (one stat; a None stamp never matches)."""
+    if stamp is None:
+        return False
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == stamp
