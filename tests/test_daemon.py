@@ -182,10 +182,11 @@ def test_allowed_roots_refuse_escapes(daemon_factory, tiny_vae, images, tmp_path
             client.get([ImageSpec(path, (64, 64))], encoder="vae")
 
 
-def test_sigterm_leaves_no_segment_and_no_socket(daemon_factory, tiny_vae, images):
-    d = daemon_factory(vae_config(tiny_vae))
+@pytest.mark.parametrize("backend", ["memfd", "dev-shm"])
+def test_sigterm_leaves_no_segment_and_no_socket(daemon_factory, tiny_vae, images, backend):
+    d = daemon_factory(vae_config(tiny_vae, shm_backend=backend))
     [e] = d.client().get([ImageSpec(images[0], (64, 64))], encoder="vae")
-    assert any(name.startswith("cached-") for name in d.segments())
+    assert any(name.startswith("cached-") for name in d.segments()) == (backend == "dev-shm")
     assert os.path.exists(d.socket)
     assert d.stop(signal.SIGTERM) == 0
     assert d.segments() == []
@@ -199,6 +200,9 @@ def test_daemon_killed_then_back_same_client_works(daemon_factory, tiny_vae, ima
     client = d.client(connect_timeout=1.0)
     spec = ImageSpec(images[0], (64, 64))
     [before] = client.get([spec], encoder="vae")
+    deadline = time.monotonic() + 30
+    while client.stats()["tiers"]["disk"]["entries"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # on disk before the kill: after it, the entry is promoted, not recomputed
     d.stop(signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(DaemonUnavailable):
@@ -211,7 +215,7 @@ def test_daemon_killed_then_back_same_client_works(daemon_factory, tiny_vae, ima
 
 
 def test_restart_sweeps_segments_of_a_killed_daemon(daemon_factory, tiny_vae, images):
-    d = daemon_factory(vae_config(tiny_vae))
+    d = daemon_factory(vae_config(tiny_vae, shm_backend="dev-shm"))
     d.client().get([ImageSpec(images[0], (64, 64))], encoder="vae")
     old = set(d.segments())
     d.stop(signal.SIGKILL)

@@ -8,6 +8,7 @@ leases), whether it still waits (work for a call that went away stops) and until
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -16,11 +17,11 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from cached_client.errors import CacheError, CacheMiss, DaemonError, InvalidSpec, UnknownEncoder
+from cached_client.errors import CacheError, CacheMiss, DaemonError, InvalidSpec
 
 from ..encoders import Encoder
 from ..images import DEFAULT_MAX_PIXELS
@@ -31,7 +32,7 @@ from .compute import Computer, DecodeBudget, describe, wait_result
 from .items import Item, Items
 from .limits import Limits
 from .prefetch import Prefetcher
-from .selection import Selection, check_tier
+from .selection import Selection, check_tier, resolve, unknown_encoder
 from .sources import Sources
 from .tiers import Held, Tiers
 
@@ -40,6 +41,9 @@ __all__ = ["Engine", "Held", "EncoderOptions", "Item", "tensor_bytes"]
 log = logging.getLogger(__name__)
 
 Result = Held | CacheError
+RETIRE_TIMEOUT_S = 600.0  # a removed encoder's requests in flight get this long to finish
+RETIRE_POLL_S = 0.05
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -65,20 +69,27 @@ class Engine:
         self.sources = sources
         self.limits = limits or Limits()
         options = options or {}
-        self.batchers = {
-            name: Batcher(enc, self._seal, options.get(name, EncoderOptions()).max_batch,
-                          options.get(name, EncoderOptions()).max_queue_delay_ms / 1000)
-            for name, enc in encoders.items()}
+        self.batchers = {name: self._batcher(enc, options.get(name, EncoderOptions()))
+                         for name, enc in encoders.items()}
         self.pool = ThreadPoolExecutor(decode_workers or min(8, (os.cpu_count() or 2)),
                                        thread_name_prefix="decode")
         self.items = Items(sources, self.limits)
         self.computer = Computer(self.batchers, sources, self.pool,
                                  DecodeBudget(self.limits.decoded_bytes_in_flight), max_pixels)
         self._mu = threading.Lock()
-        # hits: items served from a tier (shm_hits + disk_hits); misses: found in none of them
-        # (then computed, or CacheMiss); errors: items that failed; computed: entries encoded
-        self.counters = {"hits": 0, "shm_hits": 0, "disk_hits": 0, "misses": 0, "computed": 0, "errors": 0}
+        # hits: items served from a tier (shm_hits + disk_hits + remote_hits); misses: found in none
+        # of them (then computed, or CacheMiss); errors: items that failed; computed: entries encoded
+        self.counters = {"hits": 0, "shm_hits": 0, "disk_hits": 0, "remote_hits": 0, "misses": 0, "computed": 0,
+                         "errors": 0}
+        # per client session: [items asked for, hits, misses], for operators (top, metrics)
+        self.clients: dict[int, list[int]] = {}
         self.prefetcher = Prefetcher(self)
+        # encoders added and removed while serving (reload): `encoders` and `batchers` are replaced,
+        # never changed in place, so a reader iterating one is never disturbed
+        self._enc_mu = threading.Lock()
+        self._uses: dict[str, int] = {}                      # requests in flight per encoder name
+        self._retiring: dict[str, threading.Event] = {}      # removed, batcher still draining
+        self._closed = False
 
     # requests: one method per RPC
 
@@ -89,23 +100,29 @@ class Engine:
         owner = call.caller.session or None
         if release and owner is not None:
             self.store.release(owner, release)
-        enc = self.encoder(encoder)
+        with self._using(encoder) as enc:
+            return self._get(enc, specs, compute, call, owner)
+
+    def _get(self, enc: Encoder, specs: bytes, compute: bool, call: Call, owner: Owner | None) -> list[Result]:
         items = self.items.parse(specs, enc, call.caller, call.alive)
         results: list[Result | Item | None] = list(items)  # errors stay; items are replaced below
+        keyed = [(i, item) for i, item in enumerate(items) if not isinstance(item, CacheError)]
         misses: list[tuple[int, Item]] = []
-        for i, item in enumerate(items):
-            if not isinstance(item, CacheError):
-                held = _caught(self.tiers.acquire, item.key, owner)
-                if held is None:
-                    misses.append((i, item))
-                else:
-                    results[i] = held
+        for (i, item), held in zip(keyed, self.tiers.acquire_many([it.key for _, it in keyed], owner),
+                                   strict=True):
+            if held is None:
+                misses.append((i, item))
+            else:
+                results[i] = held
         promoted = self._promote(misses, owner)
-        self._count(shm_hits=sum(isinstance(r, tuple) for r in results),
-                    disk_hits=sum(isinstance(p, tuple) for p in promoted),
-                    misses=sum(p is None for p in promoted))
+        shm_hits = sum(isinstance(r, tuple) for r in results)
+        disk_hits, remote_hits = (sum(isinstance(p, tuple) and p[1] == t for p in promoted) for t in ("disk", "remote"))
+        missed = sum(p is None for p in promoted)
+        self._count(shm_hits=shm_hits, disk_hits=disk_hits, remote_hits=remote_hits, misses=missed)
+        self._count_client(call.caller.session, len(items), shm_hits + disk_hits + remote_hits, missed)
         left: list[tuple[int, Item]] = []
-        for (i, item), held in zip(misses, promoted, strict=True):
+        for (i, item), found in zip(misses, promoted, strict=True):
+            held = found[0] if isinstance(found, tuple) else found
             if held is not None:
                 results[i] = held
             elif compute:
@@ -118,15 +135,20 @@ class Engine:
         self._count(errors=sum(isinstance(r, CacheError) for r in results))
         return results  # type: ignore[return-value]
 
-    def _promote(self, misses: list[tuple[int, Item]], owner: Owner | None) -> list[Result | None]:
-        """Shared-memory misses read from disk, in parallel (each read is verified by checksum)."""
-        if not misses or self.tiers.disk is None:
+    def _promote(self, misses: list[tuple[int, Item]],
+                 owner: Owner | None) -> list[tuple[Held, str] | CacheError | None]:
+        """Shared-memory misses read from disk or the remote tier, in parallel (each read is verified
+        by checksum), with the tier each came from."""
+        if not misses or not self.tiers.lower:
             return [None] * len(misses)
-        return list(self.pool.map(lambda m: _caught(self.tiers.promote, m[1].key, owner), misses))
+        return list(self.pool.map(lambda m: _caught(self.tiers.promote_from, m[1].key, owner), misses))
 
     def warm(self, encoder: str, specs: bytes, call: Call, window: int = 256) -> Iterator[dict[str, Any]]:
         """Computes every item without leasing, yielding progress about every 0.25 s."""
-        enc = self.encoder(encoder)
+        with self._using(encoder) as enc:
+            yield from self._warm(enc, specs, call, window)
+
+    def _warm(self, enc: Encoder, specs: bytes, call: Call, window: int) -> Iterator[dict[str, Any]]:
         items = self.items.parse(specs, enc, call.caller, call.alive)
         progress: dict[str, Any] = {"done": 0, "total": len(items), "computed": 0, "cached": 0, "errors": []}
         outstanding: deque[tuple[int, Future]] = deque()
@@ -178,47 +200,129 @@ class Engine:
     def evict(self, selection: Selection, tier: str) -> dict[str, int]:
         if selection.empty:
             raise InvalidSpec("evict needs all, an encoder, a source prefix or keys")
-        return self.tiers.evict(selection, check_tier(tier))
+        tier = check_tier(tier)
+        return self.tiers.evict(resolve(selection, self.tiers, self.encoders, tier), tier)
 
     def list_entries(self, selection: Selection, tier: str) -> list[dict[str, Any]]:
-        return self.tiers.list_entries(check_tier(tier), selection)
+        tier = check_tier(tier)
+        return self.tiers.list_entries(tier, resolve(selection, self.tiers, self.encoders, tier))
 
     def stats(self) -> dict[str, Any]:
-        """Counters, tiers and encoders, as the Stats RPC reports them."""
-        encoders = {name: {**enc.describe(), "items": b.items, "batches": b.batches,
-                           "max_batch_seen": b.max_batch_seen, "busy_s": b.busy_s}
+        """Counters, tiers and encoders, as the Stats RPC reports them. `capacity_evictions` are the
+        evictions that made room for new entries (the rest were asked for)."""
+        from .report import parameter_bytes  # here: this method is the only part of the engine that needs it
+
+        encoders = {name: {**enc.describe(), "input": enc.input, "items": b.items, "batches": b.batches,
+                           "max_batch_seen": b.max_batch_seen, "busy_s": b.busy_s, "queued": b.queued(),
+                           "max_batch": b.max_batch, "fit_limit": b.fit_limit,
+                           "parameter_bytes": parameter_bytes(enc)}
                     for name, enc in self.encoders.items() if (b := self.batchers[name])}
         with self._mu:
             counters = dict(self.counters)
+        shm = self.store.stats()
         counters.update(self.tiers.counter_values(), prefetch_queued=self.prefetcher.queued,
                         prefetch_dropped=self.prefetcher.dropped, key_memo_bytes=self.items.memo_bytes,
-                        decoded_bytes_in_flight=self.computer.budget.used)
-        return {"counters": counters, "tiers": self.tiers.stats(), "leases": self.store.stats()["leases"],
-                "encoders": encoders}
+                        decoded_bytes_in_flight=self.computer.budget.used,
+                        evictions_explicit=shm["evictions_explicit"],
+                        capacity_evictions=shm["evictions"] - shm["evictions_explicit"])
+        return {"counters": counters, "tiers": self.tiers.stats(), "leases": shm["leases"], "encoders": encoders}
 
     # internals
 
     def encoder(self, name: str) -> Encoder:
         enc = self.encoders.get(name)
         if enc is None:
-            raise UnknownEncoder(f"no encoder named {name!r}; configured: {sorted(self.encoders)}")
+            raise unknown_encoder(name, self.encoders)
         return enc
+
+    # encoders added and removed while serving
+
+    def add_encoder(self, name: str, encoder: Encoder, options: EncoderOptions | None = None,
+                    timeout: float = RETIRE_TIMEOUT_S) -> Batcher:
+        """Serves the loaded `encoder` as `name` from now on. A removed encoder of that name is first
+        waited for (up to `timeout` s) until it has drained: its work must never reach the new one's
+        batcher, whose entries have other keys."""
+        retiring = self._retiring.get(name)
+        if retiring is not None and not retiring.wait(timeout):
+            raise ValueError(f"encoder {name!r} was removed and is still finishing its work; try again")
+        batcher = self._batcher(encoder, options or EncoderOptions())
+        batcher.starved = self.computer.budget.starved
+        with self._enc_mu:
+            if self._closed or name in self.encoders or name in self._retiring:
+                batcher.close(0)
+                raise ValueError(f"encoder {name!r} is configured already" if not self._closed
+                                 else "the engine is closed")
+            self._set_batchers({**self.batchers, name: batcher})
+            self.encoders = {**self.encoders, name: encoder}
+        return batcher
+
+    def remove_encoder(self, name: str, timeout: float = RETIRE_TIMEOUT_S) -> threading.Event:
+        """New requests for `name` fail with UnknownEncoder from now on; requests in flight finish,
+        then (in the background, at most `timeout` s later) its batcher stops and the model is let
+        go. Its entries stay in the tiers. The event is set once it is gone."""
+        with self._enc_mu:
+            self.encoder(name)
+            self.encoders = {k: v for k, v in self.encoders.items() if k != name}
+            done = self._retiring[name] = threading.Event()
+        with self.prefetcher._cv:  # its queued hints for `name` would look up the batcher by name
+            queue = self.prefetcher._queue
+            kept = [q for q in queue if q[0] != name]
+            self.prefetcher.dropped += len(queue) - len(kept)
+            queue.clear()
+            queue.extend(kept)
+        threading.Thread(target=self._retire, args=(name, done, time.monotonic() + timeout),
+                         name=f"retire-{name}", daemon=True).start()
+        return done
+
+    def _retire(self, name: str, done: threading.Event, deadline: float) -> None:
+        batcher = self.batchers[name]
+        while (self._uses.get(name) or batcher.queued()) and time.monotonic() < deadline:
+            time.sleep(RETIRE_POLL_S)
+        if self._uses.get(name) or batcher.queued():
+            log.warning("encoder %s: still busy after removal; its queued work is cancelled", name)
+        with self._enc_mu:
+            self._set_batchers({k: v for k, v in self.batchers.items() if k != name})
+        batcher.close(max(1.0, deadline - time.monotonic()))
+        with self._enc_mu:
+            del self._retiring[name]
+        done.set()
+        log.info("encoder %s: removed", name)
+
+    @contextlib.contextmanager
+    def _using(self, name: str) -> Iterator[Encoder]:
+        """The encoder `name` (UnknownEncoder when there is none), kept from retiring meanwhile."""
+        with self._enc_mu:
+            enc = self.encoder(name)
+            self._uses[name] = self._uses.get(name, 0) + 1
+        try:
+            yield enc
+        finally:
+            with self._enc_mu:
+                self._uses[name] -= 1
+                if not self._uses[name]:
+                    del self._uses[name]
+
+    def _batcher(self, enc: Encoder, options: EncoderOptions) -> Batcher:
+        return Batcher(enc, self._seal, options.max_batch, options.max_queue_delay_ms / 1000)
+
+    def _set_batchers(self, batchers: dict[str, Batcher]) -> None:
+        self.batchers = self.computer.batchers = batchers
 
     def compute(self, enc: Encoder, items: list[Item], call: Call = INTERNAL) -> list[Future]:
         return self.computer.compute(enc, items, call.caller, call.alive)
 
     def find(self, key: bytes, owner: Owner | None, count: bool = False) -> Held | None:
-        """From shared memory, else promoted from disk; leased to `owner` when given. `count`: the
+        """From shared memory, else promoted from disk or the remote tier; leased to `owner` when given. `count`: the
         item is being served (counted as a hit of its tier), not looked up for the daemon itself."""
         held = self.tiers.acquire(key, owner)
         if held is not None:
             if count:
                 self._count(shm_hits=1)
             return held
-        held = self.tiers.promote(key, owner)
-        if held is not None and count:
-            self._count(disk_hits=1)
-        return held
+        found = self.tiers.promote_from(key, owner)
+        if found is not None and count:
+            self._count(**{f"{found[1]}_hits": 1})
+        return None if found is None else found[0]
 
     def _seal(self, job: Job, outputs: dict[str, torch.Tensor]) -> Entry:
         entry = self.tiers.seal(job.key, {k: tensor_bytes(v) for k, v in outputs.items()}, job.meta)
@@ -238,11 +342,29 @@ class Engine:
         return DaemonError(f"{describe(item.spec)} was evicted three times before it could be leased; "
                            f"shm_bytes is too small for the working set")
 
+    def _count_client(self, session: int, items: int, hits: int, misses: int) -> None:
+        if session:
+            with self._mu:
+                c = self.clients.setdefault(session, [0, 0, 0])
+                c[0] += items
+                c[1] += hits
+                c[2] += misses
+
+    def forget_client(self, session: int) -> None:
+        """A client process is gone: its counters go with it."""
+        with self._mu:
+            self.clients.pop(session, None)
+
+    def client_counters(self) -> dict[int, tuple[int, int, int]]:
+        """{session: (items asked for, hits, misses)}."""
+        with self._mu:
+            return {s: (c[0], c[1], c[2]) for s, c in self.clients.items()}
+
     def _count(self, **counts: int) -> None:
         with self._mu:
             for name, n in counts.items():
                 self.counters[name] += n
-            self.counters["hits"] += counts.get("shm_hits", 0) + counts.get("disk_hits", 0)
+            self.counters["hits"] += sum(counts.get(f"{tier}_hits", 0) for tier in ("shm", "disk", "remote"))
 
     def cancel_all(self) -> int:
         """Every computation in progress fails with Cancelled now (its callers are answered)."""
@@ -252,6 +374,8 @@ class Engine:
         """Stops within about `timeout` seconds: queued work fails with Cancelled, the batches being
         encoded finish, pending disk writes are finished while time is left."""
         deadline = time.monotonic() + timeout
+        with self._enc_mu:
+            self._closed = True
         self.prefetcher.close()
         self.cancel_all()
         for b in self.batchers.values():
@@ -260,7 +384,7 @@ class Engine:
         self.tiers.close(max(1.0, deadline - time.monotonic()))
 
 
-def _caught(fn: Callable[[bytes, Owner | None], Held | None], key: bytes, owner: Owner | None) -> Result | None:
+def _caught(fn: Callable[[bytes, Owner | None], _T | None], key: bytes, owner: Owner | None) -> _T | CacheError | None:
     """`fn(key, owner)`, or the CacheError it raised (a lease over the owner's cap fails one item)."""
     try:
         return fn(key, owner)

@@ -14,7 +14,7 @@ from ..engine import Held
 from ..store import ShmStore
 
 __all__ = ["lease_ids", "get_response", "item_errors", "warm_progress", "stats_response", "list_response",
-           "import_progress"]
+           "import_progress", "clients_response", "inspect_response", "diagnose_response"]
 
 
 def lease_ids(data: bytes) -> list[int]:
@@ -32,15 +32,12 @@ def item_errors(errors: list[tuple[int, CacheError]]) -> list[pb.ItemError]:
 def get_response(instance: str, store: ShmStore, results: list[Held | CacheError]) -> pb.GetResponse:
     errors = [(i, r) for i, r in enumerate(results) if isinstance(r, CacheError)]
     held = [(i, r) for i, r in enumerate(results) if not isinstance(r, CacheError)]
-    records = np.zeros(len(results), dtype=HANDLE)
-    if held:  # column by column: a 256-item reply costs a few numpy calls, not 256 record writes
-        rows = [i for i, _ in held]
-        entries = [e for _, (e, _) in held]
-        records["key"][rows] = [e.key for e in entries]
-        records["lease"][rows] = [lease for _, (_, lease) in held]
-        for field in ("generation", "offset", "length", "segment"):
-            records[field][rows] = [getattr(e, field) for e in entries]
-        records["layout"][rows] = [e.layout_id for e in entries]
+    # each entry keeps its record ready: a reply is one join and one column write, not 7 per item
+    blank = bytes(HANDLE.itemsize)
+    records = np.frombuffer(b"".join([blank if isinstance(r, CacheError) else r[0].record for r in results]),
+                            dtype=HANDLE).copy()
+    if held:
+        records["lease"][[i for i, _ in held]] = [lease for _, (_, lease) in held]
     paths = store.segment_paths()
     segments = {s: paths[s] for s in {e.segment for _, (e, _) in held}}
     layouts = {lid: store.layouts.text(lid) for lid in {e.layout_id for _, (e, _) in held}}
@@ -77,3 +74,15 @@ def list_response(rows: list[dict[str, Any]], limit: int) -> pb.ListResponse:
 def import_progress(p: dict[str, Any]) -> pb.ImportProgress:
     return pb.ImportProgress(seen=p["seen"], imported=p["imported"], already=p["already"],
                              skipped=p["skipped"], examples=p["examples"])
+
+
+def clients_response(rows: list[dict[str, Any]], caller: int) -> pb.ClientsResponse:
+    return pb.ClientsResponse(clients=[pb.ClientInfo(**r) for r in rows], caller=caller)
+
+
+def inspect_response(info: dict[str, Any]) -> pb.InspectResponse:
+    return pb.InspectResponse(**{**info, "tensors": [pb.TensorInfo(**t) for t in info["tensors"]]})
+
+
+def diagnose_response(info: dict[str, Any]) -> pb.DiagnoseResponse:
+    return pb.DiagnoseResponse(**{**info, "segments": [pb.SegmentInfo(**s) for s in info["segments"]]})

@@ -15,8 +15,8 @@ from cached_client._proto import cache_pb2_grpc
 from cached_client.errors import Busy, DaemonUnavailable, PermissionDenied
 from cached_client.specs import check_path
 
-from ..engine import Engine
-from ..engine.caller import Call
+from ..engine import Engine, report
+from ..engine.caller import Call, Caller
 from ..engine.importing import import_cache
 from ..engine.selection import Selection
 from . import codec
@@ -41,6 +41,11 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         return engine, Call(auth.caller(context), context.is_active, deadline)
+
+    def _callers(self) -> list[Caller]:
+        """Every connected client process (none without the unix socket's sessions)."""
+        sessions = self.auth.sessions if self.auth is not None else None
+        return sessions.callers() if sessions is not None else []
 
     def _leasing(self, context: grpc.ServicerContext) -> tuple[Engine, Call]:
         engine, call = self._ready(context)
@@ -110,3 +115,15 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         engine, _ = self._ready(context)
         return codec.stats_response(self.instance, time.monotonic() - self.started, engine.stats())
+
+    def Clients(self, request: pb.ClientsRequest, context: grpc.ServicerContext) -> pb.ClientsResponse:
+        engine, call = self._ready(context)
+        return codec.clients_response(report.clients(engine, self._callers()), call.caller.session)
+
+    def Inspect(self, request: pb.InspectRequest, context: grpc.ServicerContext) -> pb.InspectResponse:
+        engine, _ = self._ready(context)
+        return codec.inspect_response(report.inspect(engine, request.key))
+
+    def Diagnose(self, request: pb.DiagnoseRequest, context: grpc.ServicerContext) -> pb.DiagnoseResponse:
+        engine, _ = self._ready(context)
+        return codec.diagnose_response(report.process(engine))

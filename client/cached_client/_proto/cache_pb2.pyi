@@ -133,35 +133,50 @@ class EvictRequest(_message.Message):
     def __init__(self, all: _Optional[bool] = ..., encoder: _Optional[str] = ..., source_prefix: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class EvictResponse(_message.Message):
-    __slots__ = ("entries", "bytes", "pending", "disk_entries", "disk_bytes")
+    __slots__ = ("entries", "bytes", "pending", "disk_entries", "disk_bytes", "remote_entries", "remote_bytes")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     DISK_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_BYTES_FIELD_NUMBER: _ClassVar[int]
     entries: int
     bytes: int
     pending: int
     disk_entries: int
     disk_bytes: int
-    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., pending: _Optional[int] = ..., disk_entries: _Optional[int] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
+    remote_entries: int
+    remote_bytes: int
+    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., pending: _Optional[int] = ..., disk_entries: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., remote_entries: _Optional[int] = ..., remote_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("entries", "bytes", "capacity_bytes")
+    __slots__ = ("entries", "bytes", "capacity_bytes", "backend", "held_bytes")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
     entries: int
     bytes: int
     capacity_bytes: int
-    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+    backend: str
+    held_bytes: int
+    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., held_bytes: _Optional[int] = ...) -> None: ...
 
 class EncoderStats(_message.Message):
-    __slots__ = ("kind", "fingerprint", "devices", "items", "batches", "max_batch_seen", "busy_s")
+    __slots__ = ("kind", "fingerprint", "devices", "items", "batches", "max_batch_seen", "busy_s", "queued", "max_batch", "fit_limit", "parameter_bytes", "input")
+    class ParameterBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     KIND_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +184,11 @@ class EncoderStats(_message.Message):
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SEEN_FIELD_NUMBER: _ClassVar[int]
     BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    FIT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
     kind: str
     fingerprint: str
     devices: _containers.RepeatedScalarFieldContainer[str]
@@ -176,7 +196,12 @@ class EncoderStats(_message.Message):
     batches: int
     max_batch_seen: int
     busy_s: float
-    def __init__(self, kind: _Optional[str] = ..., fingerprint: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., items: _Optional[int] = ..., batches: _Optional[int] = ..., max_batch_seen: _Optional[int] = ..., busy_s: _Optional[float] = ...) -> None: ...
+    queued: int
+    max_batch: int
+    fit_limit: int
+    parameter_bytes: _containers.ScalarMap[str, int]
+    input: str
+    def __init__(self, kind: _Optional[str] = ..., fingerprint: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., items: _Optional[int] = ..., batches: _Optional[int] = ..., max_batch_seen: _Optional[int] = ..., busy_s: _Optional[float] = ..., queued: _Optional[int] = ..., max_batch: _Optional[int] = ..., fit_limit: _Optional[int] = ..., parameter_bytes: _Optional[_Mapping[str, int]] = ..., input: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("instance", "uptime_s", "tiers", "counters", "encoders", "leases")
@@ -293,3 +318,148 @@ class ImportProgress(_message.Message):
     skipped: _containers.ScalarMap[str, int]
     examples: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, seen: _Optional[int] = ..., imported: _Optional[int] = ..., already: _Optional[int] = ..., skipped: _Optional[_Mapping[str, int]] = ..., examples: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ClientsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClientInfo(_message.Message):
+    __slots__ = ("session", "pid", "uid", "leases", "leased_bytes", "items", "hits", "misses", "age_s")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    session: int
+    pid: int
+    uid: int
+    leases: int
+    leased_bytes: int
+    items: int
+    hits: int
+    misses: int
+    age_s: float
+    def __init__(self, session: _Optional[int] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., leases: _Optional[int] = ..., leased_bytes: _Optional[int] = ..., items: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., age_s: _Optional[float] = ...) -> None: ...
+
+class ClientsResponse(_message.Message):
+    __slots__ = ("clients", "caller")
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    clients: _containers.RepeatedCompositeFieldContainer[ClientInfo]
+    caller: int
+    def __init__(self, clients: _Optional[_Iterable[_Union[ClientInfo, _Mapping]]] = ..., caller: _Optional[int] = ...) -> None: ...
+
+class InspectRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class TensorInfo(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    bytes: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class InspectResponse(_message.Message):
+    __slots__ = ("key", "tiers", "bytes", "encoder", "source", "spec", "tensors", "leases", "meta")
+    class BytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class MetaEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    bytes: _containers.ScalarMap[str, int]
+    encoder: str
+    source: str
+    spec: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    leases: int
+    meta: _containers.ScalarMap[str, str]
+    def __init__(self, key: _Optional[str] = ..., tiers: _Optional[_Iterable[str]] = ..., bytes: _Optional[_Mapping[str, int]] = ..., encoder: _Optional[str] = ..., source: _Optional[str] = ..., spec: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., leases: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DiagnoseRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SegmentInfo(_message.Message):
+    __slots__ = ("name", "path", "bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    bytes: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class DiagnoseResponse(_message.Message):
+    __slots__ = ("pid", "rss", "pss", "uss", "open_fds", "max_fds", "maps", "max_map_count", "shm_backend", "shm_dir", "shm_dir_size", "shm_dir_used", "shm_dir_free", "segments", "device_reserved_bytes", "disk_dir")
+    class DeviceReservedBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RSS_FIELD_NUMBER: _ClassVar[int]
+    PSS_FIELD_NUMBER: _ClassVar[int]
+    USS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FDS_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MAP_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHM_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_USED_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FREE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_DIR_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    rss: int
+    pss: int
+    uss: int
+    open_fds: int
+    max_fds: int
+    maps: int
+    max_map_count: int
+    shm_backend: str
+    shm_dir: str
+    shm_dir_size: int
+    shm_dir_used: int
+    shm_dir_free: int
+    segments: _containers.RepeatedCompositeFieldContainer[SegmentInfo]
+    device_reserved_bytes: _containers.ScalarMap[str, int]
+    disk_dir: str
+    def __init__(self, pid: _Optional[int] = ..., rss: _Optional[int] = ..., pss: _Optional[int] = ..., uss: _Optional[int] = ..., open_fds: _Optional[int] = ..., max_fds: _Optional[int] = ..., maps: _Optional[int] = ..., max_map_count: _Optional[int] = ..., shm_backend: _Optional[str] = ..., shm_dir: _Optional[str] = ..., shm_dir_size: _Optional[int] = ..., shm_dir_used: _Optional[int] = ..., shm_dir_free: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[SegmentInfo, _Mapping]]] = ..., device_reserved_bytes: _Optional[_Mapping[str, int]] = ..., disk_dir: _Optional[str] = ...) -> None: ...

@@ -74,6 +74,21 @@ class CacheStub:
                 request_serializer=cached__client_dot___proto_dot_cache__pb2.ImportRequest.SerializeToString,
                 response_deserializer=cached__client_dot___proto_dot_cache__pb2.ImportProgress.FromString,
                 _registered_method=True)
+        self.Clients = channel.unary_unary(
+                '/cached.v1.Cache/Clients',
+                request_serializer=cached__client_dot___proto_dot_cache__pb2.ClientsRequest.SerializeToString,
+                response_deserializer=cached__client_dot___proto_dot_cache__pb2.ClientsResponse.FromString,
+                _registered_method=True)
+        self.Inspect = channel.unary_unary(
+                '/cached.v1.Cache/Inspect',
+                request_serializer=cached__client_dot___proto_dot_cache__pb2.InspectRequest.SerializeToString,
+                response_deserializer=cached__client_dot___proto_dot_cache__pb2.InspectResponse.FromString,
+                _registered_method=True)
+        self.Diagnose = channel.unary_unary(
+                '/cached.v1.Cache/Diagnose',
+                request_serializer=cached__client_dot___proto_dot_cache__pb2.DiagnoseRequest.SerializeToString,
+                response_deserializer=cached__client_dot___proto_dot_cache__pb2.DiagnoseResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServicer:
@@ -133,6 +148,27 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Clients(self, request, context):
+        """Every connected client process with its leases and counters (for `cachectl leases`, `top`, `diagnose`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Inspect(self, request, context):
+        """One entry by its key or a unique prefix of it: spec, tensors, tiers (for `cachectl inspect`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Diagnose(self, request, context):
+        """What the daemon knows of its own process and host that a client can't see (for `cachectl diagnose`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +211,21 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.Import,
                     request_deserializer=cached__client_dot___proto_dot_cache__pb2.ImportRequest.FromString,
                     response_serializer=cached__client_dot___proto_dot_cache__pb2.ImportProgress.SerializeToString,
+            ),
+            'Clients': grpc.unary_unary_rpc_method_handler(
+                    servicer.Clients,
+                    request_deserializer=cached__client_dot___proto_dot_cache__pb2.ClientsRequest.FromString,
+                    response_serializer=cached__client_dot___proto_dot_cache__pb2.ClientsResponse.SerializeToString,
+            ),
+            'Inspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inspect,
+                    request_deserializer=cached__client_dot___proto_dot_cache__pb2.InspectRequest.FromString,
+                    response_serializer=cached__client_dot___proto_dot_cache__pb2.InspectResponse.SerializeToString,
+            ),
+            'Diagnose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Diagnose,
+                    request_deserializer=cached__client_dot___proto_dot_cache__pb2.DiagnoseRequest.FromString,
+                    response_serializer=cached__client_dot___proto_dot_cache__pb2.DiagnoseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -393,6 +444,87 @@ class Cache:
             '/cached.v1.Cache/Import',
             cached__client_dot___proto_dot_cache__pb2.ImportRequest.SerializeToString,
             cached__client_dot___proto_dot_cache__pb2.ImportProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Clients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cached.v1.Cache/Clients',
+            cached__client_dot___proto_dot_cache__pb2.ClientsRequest.SerializeToString,
+            cached__client_dot___proto_dot_cache__pb2.ClientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cached.v1.Cache/Inspect',
+            cached__client_dot___proto_dot_cache__pb2.InspectRequest.SerializeToString,
+            cached__client_dot___proto_dot_cache__pb2.InspectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Diagnose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cached.v1.Cache/Diagnose',
+            cached__client_dot___proto_dot_cache__pb2.DiagnoseRequest.SerializeToString,
+            cached__client_dot___proto_dot_cache__pb2.DiagnoseResponse.FromString,
             options,
             channel_credentials,
             insecure,
