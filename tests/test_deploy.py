@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from cached.server.config import Config, load_config
 
@@ -146,7 +147,6 @@ def test_container_manifests_share_only_the_socket_directory(tmp_path):
     """memfd arenas come over the socket: no manifest asks for the host's IPC, a shared /dev/shm or a
     shared pid namespace, and the trainer mounts the daemon's socket directory and the dataset at the
     daemon's paths (the daemon opens the paths trainers send)."""
-    yaml = pytest.importorskip("yaml")
     docs = [d for f in ("daemonset.yaml", "trainer-pod.yaml") for d in yaml.safe_load_all(read(os.path.join(DEPLOY, "k8s", f)))]
     compose = yaml.safe_load(read(os.path.join(DEPLOY, "docker-compose.yml")))
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["cached.toml"]
