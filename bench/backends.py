@@ -60,7 +60,7 @@ def report(per: dict[str, dict[str, list[float]]], n: int, rounds: int, epochs: 
         rows.append([r, f"{median(by['memfd']):,.0f}", f"{median(by['dev-shm']):,.0f}", f"{ratio:.2f}",
                      f"{min(ratios):.2f}-{max(ratios):.2f}", f"±{spread:.0%}", verdict])
     return "\n".join([
-        "#### memfd arenas vs /dev/shm files",
+        "# memfd arenas vs /dev/shm files",
         "",
         f"{n} latents of {SIZE}, batches of 32, {rounds} rounds of {epochs} epochs, backends alternating; "
         "items/s are medians over rounds, the ratio the median of per-round ratios, the noise the "
