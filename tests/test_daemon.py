@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -212,6 +213,22 @@ def test_daemon_killed_then_back_same_client_works(daemon_factory, tiny_vae, ima
     [after] = client.get([ImageSpec(images[1], (64, 64)), spec], encoder="vae")[1:]
     assert after.key == before.key
     assert torch.equal(after["latent"], before["latent"])
+
+
+def test_warm_waits_for_a_daemon_that_is_starting(daemon_factory, tiny_vae, images):
+    """A warm made while the daemon restarts waits for it (up to connect_timeout), as unary calls do,
+    and goes on with a new session, instead of failing at once."""
+    d = daemon_factory(vae_config(tiny_vae))
+    client = d.client(connect_timeout=120)
+    assert client.stats()["instance"]  # this process's session with the first daemon
+    d.stop()
+    starter = threading.Thread(target=d.start)
+    starter.start()
+    try:
+        result = client.warm([ImageSpec(p, (64, 64)) for p in images[:3]], encoder="vae")
+    finally:
+        starter.join()
+    assert result.computed + result.cached == 3 and not result.failed
 
 
 def test_restart_sweeps_segments_of_a_killed_daemon(daemon_factory, tiny_vae, images):
