@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import statistics
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -13,6 +15,10 @@ __all__ = ["RESULTS", "meminfo", "used_bytes", "MemorySampler", "machine", "medi
            "table", "write_result", "mib"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # what `make bench` writes
+
+# SIGTERM (bench/run.py stopping a script past its limit) unwinds like an exception, so the `with`
+# blocks of a script stop its daemons and remove its temporary directories in /dev/shm and /tmp.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def meminfo() -> dict[str, int]:

@@ -91,10 +91,16 @@ def _nest_headings(md: str) -> str:
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """Stops whatever of the peer's process group is still running: itself on a timeout or an
-    interrupt, a daemon it left behind otherwise."""
+    interrupt, a daemon it left behind otherwise. SIGTERM first, so that the script cleans up (its
+    daemons, its directories in /dev/shm: common.py), then SIGKILL for what is left after 20 s."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
+    except ProcessLookupError:  # nothing (left) in the group
         pass
     proc.wait()
 

@@ -9,7 +9,6 @@ and import_cache), mapped to the client's errors by transport.py.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,9 +17,9 @@ import grpc
 
 from . import forksafe
 from ._proto import cache_pb2 as pb
-from .errors import CacheError, DaemonUnavailable, ProtocolError, error_for
+from .errors import CacheError, ProtocolError, error_for
 from .specs import Spec, encode_specs, is_object_url
-from .transport import Transport, _mapped, _message, _retryable
+from .transport import Transport, _mapped, _message
 from .wire import check_handles, pack_leases
 
 if TYPE_CHECKING:
@@ -58,24 +57,12 @@ class OperationsMixin(Transport):
             return self._promote(specs, encoder, progress)
         proc = self._process()
         request = pb.WarmRequest(encoder=encoder, specs=encode_specs(list(specs)))
-        # Before the first update nothing was done, so the call may be made again, as _call does for
-        # unary calls: while the daemon is unreachable or busy (up to connect_timeout), and once with a
-        # new session when the daemon restarted and no longer knows this process's.
-        deadline = time.monotonic() + self.connect_timeout
-        delay, renewed = 0.05, False
-        while True:
+
+        def attempt(metadata: tuple[tuple[str, str], ...]) -> WarmResult:
+            # before the first update nothing was done, so the call may be made again (_retried)
             failed: list[tuple[int, Spec, CacheError]] = []
             last, started = pb.WarmProgress(total=len(specs)), False
-            metadata: tuple[tuple[str, str], ...] = ()
-            try:
-                metadata = self._credentials()
-                stream = proc.stub.Warm(request, timeout=self.timeout, metadata=metadata)
-            except DaemonUnavailable:
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-                continue
+            stream = proc.stub.Warm(request, timeout=self.timeout, metadata=metadata)
             try:
                 for last in stream:
                     started = True
@@ -85,19 +72,15 @@ class OperationsMixin(Transport):
                         failed.append((e.index, specs[e.index], error_for(e.code, e.message, e.error)))
                     if progress is not None:
                         progress(last)
-                return WarmResult(len(specs), last.computed, last.cached, failed)
             except grpc.RpcError as exc:
                 if started:
                     raise _mapped(exc, self.target) from exc
-                if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not renewed and self._renew_session(metadata):
-                    renewed = True
-                    continue
-                if not _retryable(exc) or time.monotonic() + delay > deadline:
-                    raise _mapped(exc, self.target) from exc
+                raise
             finally:
                 stream.cancel()  # stops the daemon's work if the caller was interrupted
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+            return WarmResult(len(specs), last.computed, last.cached, failed)
+
+        return self._retried(attempt)  # type: ignore[no-any-return]
 
     def _promote(self, specs: Sequence[Spec], encoder: str,
                  progress: Callable[[pb.WarmProgress], None] | None) -> WarmResult:

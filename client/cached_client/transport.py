@@ -86,15 +86,23 @@ class Transport:
         return process_session(sock, timeout=max(self.connect_timeout, 1.0)).segment_fds([path])[0]
 
     def _call(self, proc: ProcessState, method: str, request: Any) -> Any:
-        """Calls with retries while the daemon is unreachable or busy, for up to connect_timeout
-        seconds; a session the daemon does not know (it restarted) is opened again once."""
+        """A unary call, made again as _retried says."""
+        def attempt(metadata: tuple[tuple[str, str], ...]) -> Any:
+            with forksafe.call():
+                return getattr(proc.stub, method)(request, timeout=self.timeout, metadata=metadata)
+
+        return self._retried(attempt)
+
+    def _retried(self, attempt: Callable[[tuple[tuple[str, str], ...]], Any]) -> Any:
+        """`attempt(metadata)`, made again while the daemon is unreachable or busy, for up to
+        connect_timeout seconds; a session the daemon does not know (it restarted) is opened again
+        once. An attempt that must not be repeated raises a CacheError rather than an RpcError."""
         deadline = time.monotonic() + self.connect_timeout
         delay, renewed = 0.05, False
         while True:
             try:
                 metadata = self._credentials()
-                with forksafe.call():
-                    return getattr(proc.stub, method)(request, timeout=self.timeout, metadata=metadata)
+                return attempt(metadata)
             except DaemonUnavailable:
                 if time.monotonic() + delay > deadline:
                     raise
