@@ -264,12 +264,7 @@ class Engine:
             self.encoder(name)
             self.encoders = {k: v for k, v in self.encoders.items() if k != name}
             done = self._retiring[name] = threading.Event()
-        with self.prefetcher._cv:  # its queued hints for `name` would look up the batcher by name
-            queue = self.prefetcher._queue
-            kept = [q for q in queue if q[0] != name]
-            self.prefetcher.dropped += len(queue) - len(kept)
-            queue.clear()
-            queue.extend(kept)
+        self.prefetcher.forget(name)  # its queued hints would look up the batcher by name
         threading.Thread(target=self._retire, args=(name, done, time.monotonic() + timeout),
                          name=f"retire-{name}", daemon=True).start()
         return done

@@ -53,6 +53,13 @@ class Prefetcher:
             self._cv.notify()
         return len(accepted), len(items) - len(accepted)
 
+    def forget(self, encoder: str) -> None:
+        """Drops the queued hints for `encoder` (being removed), counted as dropped."""
+        with self._cv:
+            kept = [q for q in self._queue if q[0] != encoder]
+            self.dropped += len(self._queue) - len(kept)
+            self._queue = deque(kept)
+
     def _next_group(self) -> tuple[str, Caller, list[Item]] | None:
         with self._cv:
             while not self._queue and not self._closed:
