@@ -148,6 +148,26 @@ def test_release_owner_drops_that_owners_leases_only(shm_dir):
         store.close()
 
 
+def test_a_batch_of_leases_is_counted_per_lease_and_given_back_once(shm_dir):
+    """acquire_many and release keep their bookkeeping per batch: the same key twice is two
+    leases, an id sent twice (or another owner's) is given back once (or not at all)."""
+    store = ShmStore(shm_dir, 1 << 20, "0123456789ab")
+    try:
+        a, b = (store.put(bytes([i]) * 32, tensor(100), {}) for i in range(2))
+        got = store.acquire_many([a.key, b"z" * 32, a.key, b.key], OWNER)
+        assert got[1] is None
+        ids = [g[1] for g in got if g is not None]
+        assert len(set(ids)) == 3 and store.owners() == {OWNER: (3, 3 * 4096)}
+        assert store.release(2, ids) == 0  # not that owner's
+        assert store.release(OWNER, [ids[0], ids[0], 999]) == 1
+        assert a.leases == 1 and store.owners() == {OWNER: (2, 2 * 4096)}
+        assert store.release(OWNER, ids) == 2
+        assert store.owners() == {} and store.stats()["leases"] == 0
+        assert store.evict(lambda entry: True)[0] == 2  # both idle again: evictable
+    finally:
+        store.close()
+
+
 def test_one_owner_cannot_lease_past_its_cap(shm_dir):
     store = ShmStore(shm_dir, 1 << 20, "0123456789ab", owner_cap=3 * 4096)
     try:

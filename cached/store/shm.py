@@ -208,22 +208,14 @@ class ShmStore:
         """For each key: (entry, lease id) when indexed (lease 0 without an owner), None on a
         miss, LimitExceeded past the owner's cap. One lock for the batch: a 256-key hit costs no
         more locking than one."""
-        out: list[tuple[Entry, int] | LimitExceeded | None] = []
         with self._mu:
-            for key in keys:
-                entry = self._index.get(key)
-                if entry is None:
-                    out.append(None)
-                elif owner is None:
-                    if entry.key in self._lru:
-                        self._lru.move_to_end(key)
-                    out.append((entry, 0))
-                else:
-                    try:
-                        out.append((entry, self._lease(entry, owner)))
-                    except LimitExceeded as exc:
-                        out.append(exc)
-        return out
+            entries = [self._index.get(key) for key in keys]
+            if owner is not None:
+                return self._lease_many(entries, owner)
+            for entry in entries:
+                if entry is not None and entry.key in self._lru:
+                    self._lru.move_to_end(entry.key)
+            return [None if entry is None else (entry, 0) for entry in entries]
 
     def lease(self, entry: Entry, owner: Owner) -> int | None:
         """A new lease on an entry; None when it was evicted since it was looked up. LimitExceeded
@@ -231,66 +223,92 @@ class ShmStore:
         with self._mu:
             if not entry.indexed:
                 return None
-            return self._lease(entry, owner)
+            [got] = self._lease_many([entry], owner)
+            if isinstance(got, LimitExceeded):
+                raise got
+            return got[1]  # type: ignore[index]
 
-    def _lease(self, entry: Entry, owner: Owner) -> int:
-        """Leases an indexed entry (caller holds the lock)."""
+    def _lease_many(self, entries: list[Entry | None], owner: Owner) -> list[tuple[Entry, int] | LimitExceeded | None]:
+        """Leases indexed entries (None stays None; caller holds the lock), the owner's bookkeeping
+        once for the batch."""
         held = self._owner_bytes.get(owner, 0)
-        if self.owner_cap is not None and held + entry.length > self.owner_cap:
-            raise LimitExceeded(f"this process holds {held} bytes of leases, its cap is {self.owner_cap}"
-                                f" (limits.client_leased_bytes); drop views or let idle leases go")
-        self._owner_bytes[owner] = held + entry.length
+        cap = self.owner_cap
+        mine = self._by_owner.setdefault(owner, set())
+        leases, lru = self._leases, self._lru
         lid = self._next_lease
-        self._next_lease += 1
-        self._leases[lid] = (owner, entry)
-        self._by_owner.setdefault(owner, set()).add(lid)
-        entry.leases += 1
-        if entry.leases == 1:
-            self._lru.pop(entry.key, None)
-            self.leased_bytes += entry.length
-            if not self._over_half and self.leased_bytes > self.capacity // 2:
-                self._over_half = True  # bump once per crossing, not once per lease
-                self._bump_pressure("leases hold half the capacity")
-        return lid
+        first = 0  # bytes of entries nobody held before
+        out: list[tuple[Entry, int] | LimitExceeded | None] = []
+        for entry in entries:
+            if entry is None:
+                out.append(None)
+                continue
+            if cap is not None and held + entry.length > cap:
+                out.append(LimitExceeded(f"this process holds {held} bytes of leases, its cap is {cap}"
+                                         f" (limits.client_leased_bytes); drop views or let idle leases go"))
+                continue
+            held += entry.length
+            leases[lid] = (owner, entry)
+            mine.add(lid)
+            out.append((entry, lid))
+            lid += 1
+            entry.leases += 1
+            if entry.leases == 1:
+                lru.pop(entry.key, None)
+                first += entry.length
+        self._next_lease = lid
+        if held:
+            self._owner_bytes[owner] = held
+        if not mine:
+            del self._by_owner[owner]
+        self.leased_bytes += first
+        if not self._over_half and self.leased_bytes > self.capacity // 2:
+            self._over_half = True  # bump once per crossing, not once per lease
+            self._bump_pressure("leases hold half the capacity")
+        return out
 
     def release(self, owner: Owner, lease_ids: Iterable[int]) -> int:
         """Gives back leases; ids that are not this owner's are ignored. Returns how many went."""
-        n = 0
         with self._mu:
             held = self._by_owner.get(owner)
             if not held:
                 return 0
-            for lid in lease_ids:
-                if lid in held:
-                    held.discard(lid)
-                    self._unlease(lid)
-                    n += 1
+            mine = [lid for lid in dict.fromkeys(lease_ids) if lid in held]  # an id sent twice goes once
+            held.difference_update(mine)
             if not held:
                 del self._by_owner[owner]
-        return n
+            self._unlease(owner, mine)
+        return len(mine)
 
-    def _unlease(self, lid: int) -> None:
-        owner, entry = self._leases.pop(lid)
-        left = self._owner_bytes.pop(owner) - entry.length
+    def _unlease(self, owner: Owner, lids: Iterable[int]) -> None:
+        """Drops leases of `owner` (already out of its set; caller holds the lock): entries nobody
+        holds any more go back to the LRU, or are freed when evicted meanwhile."""
+        leases = self._leases
+        gone = 0   # bytes of the owner's leases
+        idle = []  # entries nobody holds now
+        for lid in lids:
+            entry = leases.pop(lid)[1]
+            gone += entry.length
+            entry.leases -= 1
+            if not entry.leases:
+                idle.append(entry)
+        left = self._owner_bytes.pop(owner, 0) - gone
         if left:
             self._owner_bytes[owner] = left
-        entry.leases -= 1
-        if entry.leases:
-            return
-        self.leased_bytes -= entry.length
-        self._over_half = self._over_half and self.leased_bytes > self.capacity // 2
-        self._released.notify_all()
-        if entry.indexed:
-            self._lru[entry.key] = entry
-        else:
-            self._drop(entry)
+        for entry in idle:
+            self.leased_bytes -= entry.length
+            if entry.indexed:
+                self._lru[entry.key] = entry
+            else:
+                self._drop(entry)
+        if idle:
+            self._over_half = self._over_half and self.leased_bytes > self.capacity // 2
+            self._released.notify_all()
 
     def release_owner(self, owner: Owner) -> int:
         """Drops every lease of an owner that is gone (its session ended); returns how many."""
         with self._mu:
             held = self._by_owner.pop(owner, set())
-            for lid in held:
-                self._unlease(lid)
+            self._unlease(owner, held)
         if held:
             log.debug("gave back %d lease(s) of a client process that is gone", len(held))
         return len(held)
