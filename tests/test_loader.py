@@ -187,6 +187,40 @@ def test_a_resident_dataset_notices_a_rewritten_source(daemon, images, tmp_path)
     loader.close()
 
 
+def test_the_first_epoch_keeps_the_daemons_stamps_and_stats_nothing(daemon, images, tmp_path, monkeypatch):
+    """A fresh loader's first epoch takes each source's stamp from the daemon's reply (taken when
+    the key was made), so it stats nothing itself; a file changed too recently to trust has none,
+    and is checked again (and stamped here) in the next epoch."""
+    from PIL import Image
+
+    from cached_client.resident import Resident
+    from cached_client.stamp import stamp_of
+    from cached_testing.fixtures import settle
+
+    paths = [str(tmp_path / f"{i}.bmp") for i in range(3)]
+    for i, p in enumerate(paths):
+        Image.open(images[i]).convert("RGB").resize((64, 64)).save(p, format="BMP")
+        if i == 1:
+            settle(*paths[:2])  # the last one is written just now: its stamp is not to be trusted yet
+    specs = [ImageSpec(p, (32, 32)) for p in paths]
+
+    stamped = []  # items this process stamped itself (an item with no stamp, once the producer runs ahead)
+    own_stamp = Resident.stamp
+    monkeypatch.setattr(Resident, "stamp", lambda self, items: stamped.extend(items) or own_stamp(self, items))
+    loader = daemon.client().loader(specs, "vae", batch_size=3)
+    list(loader)
+    resident = loader._resident
+    assert resident is not None and resident.complete
+    assert resident.stamps[:2] == [(stamp_of(os.stat(p)),) for p in paths[:2]]
+    assert set(stamped) <= {2}
+    settle(paths[2])
+    for _ in range(2):  # the producer may have checked the next epoch's window before the settle
+        second = next(iter(loader))["latent"]
+    assert resident.changed([0, 1, 2]) == [] and set(stamped) <= {2}
+    torch.testing.assert_close(second, reference(loader.client, specs, [0, 1, 2]), rtol=0, atol=0)
+    loader.close()
+
+
 def test_resident_leases_go_back_on_close(quiet_leases):
     client, specs = quiet_leases
     loader = client.loader(specs, "vae", batch_size=8)

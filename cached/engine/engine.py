@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from cached_client.errors import CacheError, CacheMiss, DaemonError, InvalidSpec
+from cached_client.stamp import Stamp
 
 from ..encoders import Encoder
 from ..images import DEFAULT_MAX_PIXELS
@@ -94,17 +95,20 @@ class Engine:
     # requests: one method per RPC
 
     def get(self, encoder: str, specs: bytes, compute: bool, call: Call,
-            release: list[int] | None = None) -> list[Result]:
-        """One result per item, in order: (entry, lease) or the item's error. `release` are lease
-        ids the caller gives back first."""
+            release: list[int] | None = None) -> tuple[list[Result], list[Stamp | None]]:
+        """One result per item, in order: (entry, lease) or the item's error; and per item the
+        stamp of its source when its key was made (what a client compares its own stat with to
+        keep the handles: nothing to stat before asking). `release` are lease ids the caller
+        gives back first."""
         owner = call.caller.session or None
         if release and owner is not None:
             self.store.release(owner, release)
         with self._using(encoder) as enc:
-            return self._get(enc, specs, compute, call, owner)
+            items = self.items.parse(specs, enc, call.caller, call.alive)
+            return self._get(enc, items, compute, call, owner), [it.stamp if isinstance(it, Item) else None for it in items]
 
-    def _get(self, enc: Encoder, specs: bytes, compute: bool, call: Call, owner: Owner | None) -> list[Result]:
-        items = self.items.parse(specs, enc, call.caller, call.alive)
+    def _get(self, enc: Encoder, items: list[Item | CacheError], compute: bool, call: Call,
+             owner: Owner | None) -> list[Result]:
         results: list[Result | Item | None] = list(items)  # errors stay; items are replaced below
         keyed = [(i, item) for i, item in enumerate(items) if not isinstance(item, CacheError)]
         misses: list[tuple[int, Item]] = []

@@ -43,6 +43,7 @@ class Item:
     data: bytes | None = None   # the source bytes, when they were read to digest them
     acl: bool = False           # the source carries a POSIX ACL
     dirs: tuple[str, ...] = ()  # directories a caller must be able to search to reach the source
+    stamp: Stamp | None = None  # the source's stamp when its digest was taken (None: none to trust)
 
 
 class Items:
@@ -66,36 +67,39 @@ class Items:
         if n > self.limits.max_items:
             raise LimitExceeded(f"{n} items in one request, more than limits.max_items ({self.limits.max_items})")
         check = self.sources.check_access and caller.uid != 0
-        memo, name = self._memo, enc.name
+        memo, name, stat = self._memo, enc.name, os.stat
         out: list[Item | CacheError] = []
         dirs: dict[str, list[int]] = {}  # directory -> items reached through it
         for i, line in enumerate(specs.split(b"\n")):
-            if i % CHECK_EVERY == 0 and i and not alive():
+            if not i % CHECK_EVERY and i and not alive():
                 return out + [Cancelled("the call ended")] * (n - i)
             hit = memo.get((name, line))
-            item = self._fresh(hit, caller, check) if hit is not None else None
-            if isinstance(item, Item) and check:
-                for d in item.dirs:
-                    dirs.setdefault(d, []).append(i)
-            out.append(item if item is not None else self._item(i, line, enc, caller))
+            if hit is None:
+                out.append(self._item(i, line, enc, caller))
+                continue
+            # a remembered line: its item while the source keeps its stamp (inlined: this loop is
+            # most of a cached lookup), the whole way when it changed, the refusal when this caller
+            # may not read the file
+            item, stamp = hit
+            if stamp is not None:
+                try:
+                    st = stat(item.spec.path)  # type: ignore[union-attr]  # the path asked for: a symlink re-pointed is a change
+                except (OSError, ValueError):
+                    out.append(self._item(i, line, enc, caller))
+                    continue
+                if (st.st_ctime_ns != stamp[4] or st.st_mtime_ns != stamp[3] or st.st_ino != stamp[1]
+                        or st.st_size != stamp[2] or st.st_dev != stamp[0]):
+                    out.append(self._item(i, line, enc, caller))
+                    continue
+                if check:
+                    if not permits_read(caller, st, item.acl):
+                        out.append(self.sources.refuse(item.spec.path))  # type: ignore[union-attr]
+                        continue
+                    for d in item.dirs:
+                        dirs.setdefault(d, []).append(i)
+            out.append(item)
         self._check_dirs(dirs, out, caller)
         return out
-
-    def _fresh(self, hit: tuple[Item, Stamp | None], caller: Caller, check: bool) -> Item | CacheError | None:
-        """The remembered item when its source is unchanged (None: go the whole way), or the refusal
-        when this caller may not read the file."""
-        item, stamp = hit
-        if stamp is None:
-            return item  # a text
-        try:
-            st = os.stat(item.spec.path)  # type: ignore[union-attr]
-        except (OSError, ValueError):
-            return None
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != stamp:
-            return None
-        if check and not permits_read(caller, st, item.acl):
-            return self.sources.refuse(item.spec.path)  # type: ignore[union-attr]
-        return item
 
     def _check_dirs(self, dirs: dict[str, list[int]], out: list[Item | CacheError], caller: Caller) -> None:
         for directory, indices in dirs.items():
@@ -133,7 +137,7 @@ class Items:
         source = self.sources.digest(spec.path, caller)
         dirs = tuple(dict.fromkeys((os.path.dirname(spec.path), os.path.dirname(source.real))))
         item = Item(spec, entry_key(source.digest, spec, enc.fingerprint), source.real, source.digest,
-                    source.data, source.acl, dirs)
+                    source.data, source.acl, dirs, source.stamp)
         if source.stamp is not None:
             self._remember(enc, line, spec, replace(item, data=None), source.stamp)
         return item

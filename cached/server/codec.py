@@ -8,7 +8,8 @@ import numpy as np
 
 from cached_client._proto import cache_pb2 as pb
 from cached_client.errors import CacheError, InvalidSpec
-from cached_client.wire import HANDLE, unpack_leases
+from cached_client.stamp import Stamp
+from cached_client.wire import HANDLE, NO_STAMP, pack_stamps, unpack_leases
 
 from ..engine import Held
 from ..store import ShmStore
@@ -29,20 +30,36 @@ def item_errors(errors: list[tuple[int, CacheError]]) -> list[pb.ItemError]:
     return [pb.ItemError(index=i, code=e.code, error=type(e).__name__, message=e.message) for i, e in errors]
 
 
-def get_response(instance: str, store: ShmStore, results: list[Held | CacheError]) -> pb.GetResponse:
-    errors = [(i, r) for i, r in enumerate(results) if isinstance(r, CacheError)]
-    held = [(i, r) for i, r in enumerate(results) if not isinstance(r, CacheError)]
-    # each entry keeps its record ready: a reply is one join and one column write, not 7 per item
+def get_response(instance: str, store: ShmStore, results: list[Held | CacheError],
+                 stamps: list[Stamp | None]) -> pb.GetResponse:
+    # each entry keeps its record ready: a reply is one pass, one join and one column write
     blank = bytes(HANDLE.itemsize)
-    records = np.frombuffer(b"".join([blank if isinstance(r, CacheError) else r[0].record for r in results]),
-                            dtype=HANDLE).copy()
-    if held:
-        records["lease"][[i for i, _ in held]] = [lease for _, (_, lease) in held]
+    recs: list[bytes] = []
+    leases: list[int] = []
+    errors: list[tuple[int, CacheError]] = []
+    kept: list[Stamp] = []
+    segs: set[int] = set()
+    lids: set[int] = set()
+    for i, (r, stamp) in enumerate(zip(results, stamps, strict=True)):
+        if isinstance(r, CacheError):
+            errors.append((i, r))
+            recs.append(blank)
+            leases.append(0)
+            kept.append(NO_STAMP)
+        else:
+            entry, lease = r
+            recs.append(entry.record)
+            leases.append(lease)
+            kept.append(stamp or NO_STAMP)
+            segs.add(entry.segment)
+            lids.add(entry.layout_id)
+    records = np.frombuffer(b"".join(recs), dtype=HANDLE).copy()
+    records["lease"] = leases
     paths = store.segment_paths()
-    segments = {s: paths[s] for s in {e.segment for _, (e, _) in held}}
-    layouts = {lid: store.layouts.text(lid) for lid in {e.layout_id for _, (e, _) in held}}
     return pb.GetResponse(instance=instance, handles=records.tobytes(), errors=item_errors(errors),
-                          segments=segments, layouts=layouts, control=store.control_path)
+                          segments={s: paths[s] for s in segs},
+                          layouts={lid: store.layouts.text(lid) for lid in lids}, control=store.control_path,
+                          stamps=pack_stamps(kept))
 
 
 def warm_progress(p: dict[str, Any]) -> pb.WarmProgress:

@@ -68,9 +68,9 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
         engine, call = self._leasing(context)
         with self._admitted():
-            results = engine.get(request.encoder, request.specs, request.compute, call,
-                                 codec.lease_ids(request.release))
-        return codec.get_response(self.instance, engine.store, results)
+            results, stamps = engine.get(request.encoder, request.specs, request.compute, call,
+                                         codec.lease_ids(request.release))
+        return codec.get_response(self.instance, engine.store, results, stamps)
 
     def Warm(self, request: pb.WarmRequest, context: grpc.ServicerContext) -> Iterator[pb.WarmProgress]:
         engine, call = self._ready(context)

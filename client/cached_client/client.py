@@ -27,7 +27,7 @@ from .stamp import source_stamp
 from .transport import CHANNEL_OPTIONS, Transport
 from .transport import _mapped as _mapped  # imported from here by tests/test_errors.py
 from .views import HAVE_TORCH, Entry, Lease, Segment, shm_error
-from .wire import check_handles, decode_layout, pack_leases, unpack_handles
+from .wire import check_handles, decode_layout, pack_leases, unpack_handles, unpack_stamps
 
 __all__ = ["CacheClient", "WarmResult"]
 
@@ -139,6 +139,7 @@ class CacheClient(OperationsMixin, Transport):
                                                        release=pack_leases(release)))
         failed = {e.index: e for e in reply.errors}
         records = check_handles(reply.handles, count, failed, reply.segments, reply.layouts)
+        stamps = unpack_stamps(reply.stamps, count)
         with proc.lock:
             try:
                 _attach(proc, reply)
@@ -148,7 +149,7 @@ class CacheClient(OperationsMixin, Transport):
             segments = {sid: proc.segments[path] for sid, path in reply.segments.items()}
             layouts = {lid: proc.layouts[lid] for lid in reply.layouts}
         errors = {j: error_for(e.code, f"item {j}: {e.message}", e.error) for j, e in failed.items()}
-        return Resolved(records, segments, layouts, errors)
+        return Resolved(records, segments, layouts, errors, stamps)
 
     def segment(self, path: str) -> Segment:
         """The daemon's segment at `path`, mapped in this process (once)."""

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CacheError, InvalidSpec
+from .stamp import Stamp
 from .views import _NUMPY, Segment
 from .wire import SLOT_GENERATION, SLOT_KEY, Layout
 
@@ -34,6 +35,7 @@ class Resolved:
     segments: dict[int, Segment]
     layouts: dict[int, Layout]
     errors: dict[int, CacheError] = field(default_factory=dict)
+    stamps: list[Stamp | None] | None = None  # per item, its source's stamp as the daemon took it
 
     @property
     def lease_ids(self) -> list[int]:

@@ -84,7 +84,16 @@ class Loader:
         # bound by memory bandwidth needs a few cores, not all of the trainer's
         self.copy_threads = copy_threads or min(4, os.cpu_count() or 1)
         self._copiers: ThreadPoolExecutor | None = None
-        self._resident: Resident | None = None  # made by the first producer (it asks the daemon's size)
+        self._resident: Resident | None = None
+        # what a fresh process does once, here rather than in the first epoch: ask the daemon's size
+        # (resident by default: it connects), order the first epoch (numpy loads its random code on
+        # first use) and find its first window's items (and its unique code): about 30 ms
+        self._orders: dict[int, list[np.ndarray]] = {}
+        self._orders_mu = threading.Lock()
+        self._make_resident()
+        first = self._batches(0)
+        if first:
+            np.unique(first[0])
 
     # the epoch protocol
 
@@ -92,7 +101,16 @@ class Loader:
         return len(self._batches(self._position.epoch))
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
-        return epoch_batches(self.n, self.batch_size, epoch=epoch, **self.order)
+        """The epoch's batches, remembered for the last two epochs asked (the training loop's
+        `len()` and the producer, which runs ahead into the next)."""
+        with self._orders_mu:
+            got = self._orders.get(epoch)
+            if got is None:
+                got = epoch_batches(self.n, self.batch_size, epoch=epoch, **self.order)
+                if len(self._orders) >= 2:
+                    del self._orders[min(self._orders)]
+                self._orders[epoch] = got
+            return got
 
     def set_epoch(self, epoch: int) -> None:
         """The next iteration is epoch `epoch`, from its start."""
@@ -246,12 +264,11 @@ class Loader:
                 self._release(release)
             return window, resident.view(), None, []
         keeping = resident is not None and not resident.abandoned
-        stamps = resident.stamp(items) if keeping else []  # type: ignore[union-attr]
         out = self._rpc(items, release)
         self._fit(out)
         transient = [i for r in out.values() for i in r.lease_ids]
         if keeping and not _over_cap(out):
-            self._release(resident.keep(items, out, stamps))  # type: ignore[union-attr]
+            self._release(resident.keep(items, out, resident.stamps_of(items, out)))  # type: ignore[union-attr]
             if not resident.abandoned:  # type: ignore[union-attr]
                 transient = []
         return window, out, {i: r for r, i in enumerate(items)}, transient

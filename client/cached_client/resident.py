@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -47,6 +46,14 @@ class Resident:
         """The sources' stamps of `items`, taken before they are resolved."""
         return [tuple(source_stamp(p) for p in self.paths[i]) for i in items]
 
+    def stamps_of(self, items: list[int], resolved: Mapping[str, Resolved]) -> list[tuple[Stamp | None, ...]]:
+        """The sources' stamps of `items` as the daemon took them when it made their keys (in its
+        replies): no stat here. Where the daemon sees another file than this process does (another
+        mount namespace), the first check says changed and the item is stamped here from then on."""
+        columns = [(self._columns[name], resolved[name].stamps) for name in self._columns]
+        return [tuple((s[row] if s is not None else None) for specs, s in columns if isinstance(specs[i], ImageSpec))
+                for row, i in enumerate(items)]
+
     def keep(self, items: list[int], resolved: dict[str, Resolved], stamps: list[tuple[Stamp | None, ...]]) -> list[int]:
         """Takes the window's handles (now leased for as long as it is kept); returns the lease ids
         it replaces (items resolved again). Abandons when the budget would be passed."""
@@ -76,11 +83,20 @@ class Resident:
         return ids
 
     def changed(self, items: list[int]) -> list[int]:
-        """The items whose sources changed since they were resolved (or can't be told): one stat each."""
+        """The items whose sources changed since they were resolved (or can't be told): one stat
+        each (stamp.unchanged, inlined, the likeliest change compared first: it runs once per item
+        of every epoch)."""
+        stat, paths, stamps = os.stat, self.paths, self.stamps
         out = []
         for i in items:
-            for p, s in zip(self.paths[i], self.stamps[i]):  # noqa: B905 - both made from the same specs
-                if not _same(p, s):
+            for p, s in zip(paths[i], stamps[i]):  # noqa: B905 - both made from the same specs
+                try:
+                    st = stat(p)
+                except (OSError, ValueError):
+                    out.append(i)
+                    break
+                if (s is None or st.st_ctime_ns != s[4] or st.st_mtime_ns != s[3] or st.st_ino != s[1]
+                        or st.st_size != s[2] or st.st_dev != s[0]):
                     out.append(i)
                     break
         return out
@@ -92,13 +108,3 @@ class Resident:
     def view(self) -> dict[str, Resolved]:
         """{encoder: every item's handles}, rows by item index."""
         return {name: Resolved(self.records[name], self.segments[name], self.layouts[name]) for name in self.records}
-
-
-def _same(path: str, stamp: Stamp | None, stat: Any = os.stat) -> bool:
-    """The file still has `stamp` (cached_client.stamp.unchanged, inlined: it runs once per item
-    of every epoch)."""
-    try:
-        st = stat(path)
-    except (OSError, ValueError):
-        return False
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == stamp

@@ -9,7 +9,11 @@ that is not one) is a ProtocolError: the client and the daemon disagree about th
 
 from __future__ import annotations
 
+import array
+import itertools
 import json
+import struct
+import sys
 from collections.abc import Collection, Container
 
 import numpy as np
@@ -17,7 +21,7 @@ import numpy as np
 from .errors import ProtocolError
 
 __all__ = ["HANDLE", "pack_leases", "unpack_leases", "unpack_handles", "check_handles", "encode_layout",
-           "decode_layout", "Layout", "SLOT_KEY", "SLOT_GENERATION"]
+           "decode_layout", "Layout", "SLOT_KEY", "SLOT_GENERATION", "NO_STAMP", "pack_stamps", "unpack_stamps"]
 
 # where a sealed slot's header keeps its key and generation (cached/store/slot.py pins the format): a
 # reader checks them after copying, to know the slot was not reused under it
@@ -71,6 +75,28 @@ def check_handles(data: bytes, count: int, failed: Collection[int], segments: Co
         if unknown:
             raise ProtocolError(f"reply items name {name} ids {unknown[:5]}, which the reply does not define")
     return records
+
+
+NO_STAMP = (0, 0, 0, 0, 0)  # a source stamp on the wire when there is none to trust
+
+
+def pack_stamps(stamps: list[tuple[int, int, int, int, int]]) -> bytes:
+    """GetResponse.stamps: 5 little-endian int64s per item (cached_client/stamp.py)."""
+    return struct.pack(f"<{5 * len(stamps)}q", *itertools.chain.from_iterable(stamps))
+
+
+def unpack_stamps(data: bytes, count: int) -> list[tuple[int, int, int, int, int] | None]:
+    """Per item its source's stamp, None where the daemon has none to trust, or where it sent none
+    at all (a daemon older than the field): such items are checked with a stamp of the client's
+    own next time. ProtocolError for another count."""
+    if not data:
+        return [None] * count
+    if len(data) != count * 40:
+        raise ProtocolError(f"reply has {len(data)} bytes of stamps for {count} items of 40 bytes")
+    flat = array.array("q", data)
+    if sys.byteorder == "big":
+        flat.byteswap()
+    return [None if s == NO_STAMP else s for s in zip(*[iter(flat)] * 5, strict=True)]  # type: ignore[misc]
 
 
 def encode_layout(layout: Layout) -> str:

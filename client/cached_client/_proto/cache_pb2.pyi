@@ -45,7 +45,7 @@ class ItemError(_message.Message):
     def __init__(self, index: _Optional[int] = ..., code: _Optional[str] = ..., error: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("instance", "handles", "errors", "segments", "layouts", "control")
+    __slots__ = ("instance", "handles", "errors", "segments", "layouts", "control", "stamps")
     class SegmentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,13 +66,15 @@ class GetResponse(_message.Message):
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     LAYOUTS_FIELD_NUMBER: _ClassVar[int]
     CONTROL_FIELD_NUMBER: _ClassVar[int]
+    STAMPS_FIELD_NUMBER: _ClassVar[int]
     instance: str
     handles: bytes
     errors: _containers.RepeatedCompositeFieldContainer[ItemError]
     segments: _containers.ScalarMap[int, str]
     layouts: _containers.ScalarMap[int, str]
     control: str
-    def __init__(self, instance: _Optional[str] = ..., handles: _Optional[bytes] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., segments: _Optional[_Mapping[int, str]] = ..., layouts: _Optional[_Mapping[int, str]] = ..., control: _Optional[str] = ...) -> None: ...
+    stamps: bytes
+    def __init__(self, instance: _Optional[str] = ..., handles: _Optional[bytes] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., segments: _Optional[_Mapping[int, str]] = ..., layouts: _Optional[_Mapping[int, str]] = ..., control: _Optional[str] = ..., stamps: _Optional[bytes] = ...) -> None: ...
 
 class WarmRequest(_message.Message):
     __slots__ = ("encoder", "specs")
