@@ -7,11 +7,14 @@
   between calls (close), and an untimed one-spec call first keeps the connection up.
 - cached handle: client.get of one spec whose view is alive (or whose lease is idle): no RPC.
 - health RPC: the smallest round trip on a channel, the gRPC floor under every batch.
+- stats of the sources: a stat of each of a batch's source files in this process, the other floor
+  (the daemon stats every remembered source once per lookup, so a changed file is never served).
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -75,6 +78,13 @@ def _resolve(client: CacheClient, encoder: str, batches: list[list], reps: int) 
     return out
 
 
+def _stats(batches: list[list], reps: int) -> list[float]:
+    """One os.stat of each source of a batch, in this process: what the daemon's staleness check of
+    a remembered spec costs per item (the floor under a resolve beside the gRPC one)."""
+    paths = [[s.path for s in batch] for batch in batches]
+    return _times_us(lambda i: [os.stat(p) for p in paths[i % len(paths)]], reps)
+
+
 def run(corpus: Corpus, reps: int = 200, batch: int = 256) -> dict[str, list[float]]:
     """{case: [microseconds per call]}."""
     lat: Latents = next(iter(corpus.sizes.values()))
@@ -86,6 +96,7 @@ def run(corpus: Corpus, reps: int = 200, batch: int = 256) -> dict[str, list[flo
     try:
         out = {
             "health RPC (gRPC floor)": _times_us(lambda i: client.health(), reps),
+            f"{batch} stats of the sources (the check each hit costs)": _stats(_batches(lat, batch), reps),
             f"{batch}-key resolve": _resolve(client, enc, _batches(lat, batch), reps),
             "32-key resolve": _resolve(client, enc, _batches(lat, 32), reps),
             f"{batch}-key get (views), handles not cached": _batch_rpc(addr, enc, _batches(lat, batch), reps),
