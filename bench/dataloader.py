@@ -35,7 +35,8 @@ MANY = {"loader, 4 trainers at once": "loader", "ceiling, 4 trainers at once": C
 # (numerator, denominator, target): issue 10's
 TARGETS = [("loader", CEILING, 0.8), ("loader, first epoch (fresh trainer)", CEILING, 0.5),
            ("handle mode, 4 workers", "arena, 4 workers", 0.9), ("loader, 4 trainers at once", "ceiling, 4 trainers at once", 0.8)]
-INFO = [("loader", "safetensors/item, 4 workers"), ("loader", "CachedDataset, 4 workers"),
+INFO = [("loader", "arena, prefetching thread"), ("arena, prefetching thread", CEILING),
+        ("loader", "safetensors/item, 4 workers"), ("loader", "CachedDataset, 4 workers"),
         ("arena, 4 workers", CEILING)]
 
 

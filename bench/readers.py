@@ -8,6 +8,8 @@ Workerless, in the trainer's process:
 - loader, streaming: the same with resident=False (every window resolved through the daemon again);
 - CachedDataset, 0 workers: `CachedDataset` in a DataLoader without workers (one get per batch);
 - arena, main process (the ceiling): views at known offsets of one mapped arena, `torch.stack`;
+- arena, prefetching thread: the same on a background thread, 4 batches ahead through a queue (the
+  ceiling of any prefetching design, the loader's included);
 - in-RAM list: the latents as tensors in a list, `torch.stack`.
 With 4 DataLoader workers (persistent, fork): CachedDataset, the handle mode (workers resolve,
 the main process gathers), the arena, per-item safetensors files.
@@ -20,7 +22,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +58,28 @@ class _Stacked:
         n = 0
         for batch in _order(len(self.views), self.seed, self.epochs):
             n += len(torch.stack([self.views[i] for i in batch.tolist()]))
+        self.epochs += 1
+        return n
+
+
+class _StackedAhead(_Stacked):
+    """The ceiling's gather on a background thread, batches handed over a queue 4 deep: what any
+    prefetching loader does, with nothing to resolve, check or lease (the ceiling of that design)."""
+
+    def epoch(self) -> int:
+        batches: queue.Queue = queue.Queue(maxsize=4)
+
+        def produce() -> None:
+            for batch in _order(len(self.views), self.seed, self.epochs):
+                batches.put(torch.stack([self.views[i] for i in batch.tolist()]))
+            batches.put(None)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        n = 0
+        while (got := batches.get()) is not None:
+            n += len(got)
+        thread.join()
         self.epochs += 1
         return n
 
@@ -107,6 +133,7 @@ READERS: dict[str, Callable[[str, Latents, int], Any]] = {
     "loader, streaming (not resident)": lambda a, lat, s: _Loader(a, lat, s, resident=False),
     "CachedDataset, 0 workers": lambda a, lat, s: _Torch(CachedLatents(CacheClient(a), lat.specs, lat.encoder), 0, s),
     "arena, main process (ceiling)": lambda a, lat, s: _Stacked(_arena_views(lat), s),
+    "arena, prefetching thread": lambda a, lat, s: _StackedAhead(_arena_views(lat), s),
     "in-RAM list": lambda a, lat, s: _Stacked(InRam.load(lat).latents, s),
     "CachedDataset, 4 workers": lambda a, lat, s: _Torch(CachedLatents(CacheClient(a), lat.specs, lat.encoder), WORKERS, s),
     "handle mode, 4 workers": _handles,
@@ -114,7 +141,7 @@ READERS: dict[str, Callable[[str, Latents, int], Any]] = {
     "safetensors/item, 4 workers": lambda a, lat, s: _Torch(PerItemFiles(lat.safetensors, read_safetensors), WORKERS, s),
 }
 WORKERLESS = ("loader", "loader, streaming (not resident)", "CachedDataset, 0 workers",
-              "arena, main process (ceiling)", "in-RAM list")
+              "arena, main process (ceiling)", "arena, prefetching thread", "in-RAM list")
 
 
 def make_reader(method: str, address: str, lat: Latents, seed: int = 0) -> Any:

@@ -43,6 +43,8 @@ class Resolved:
 
     def check(self, rows: np.ndarray) -> None:
         """Raises the error of the first failed item among `rows`."""
+        if not self.errors:
+            return
         for r in rows.tolist():
             if r in self.errors:
                 raise self.errors[r]
@@ -98,15 +100,17 @@ def gather(records: np.ndarray, segments: Mapping[int, Segment], layouts: Mappin
     """{tensor name: (B, *shape) array} of the records' entries, stacked (torch tensors with
     `as_torch`: bfloat16 stays bfloat16). InvalidSpec when the entries' tensors differ in shape (a
     batch mixing sizes: bucket it). With `pool`, the copies are split over its threads."""
-    lids = np.unique(records["layout"])
-    if len(lids) != 1:
-        shapes = sorted({tuple(t[2] for t in layouts[int(lid)]) for lid in lids})
+    n = len(records)
+    lids = records["layout"]
+    if not n or (lids != lids[0]).any():
+        shapes = sorted({tuple(t[2] for t in layouts[int(lid)]) for lid in np.unique(lids)})
         raise InvalidSpec(f"a batch mixes entries of different shapes {shapes[:3]}; batch same-size specs "
                           f"together (BucketBatchSampler)")
     layout = layouts[int(lids[0])]
-    n = len(records)
     offsets = records["offset"].tolist()
-    segs = [segments[s] for s in records["segment"].tolist()]
+    sids = records["segment"].tolist()
+    shared = {sid: segments[sid].shared for sid in set(sids)}
+    segs = [shared[sid] for sid in sids]
     out: dict[str, np.ndarray] = {}
     for name, dtype, shape, off, nbytes in layout:
         dt = np.dtype(_NUMPY[dtype])
@@ -127,12 +131,13 @@ def gather(records: np.ndarray, segments: Mapping[int, Segment], layouts: Mappin
 MIN_SHARE = 4  # items a copy thread takes at least: fewer cost more to hand over than to copy
 
 
-def _copy(rows: np.ndarray, segs: list[Segment], starts: list[int], nbytes: int, lo: int, hi: int) -> None:
-    """numpy's copies of items lo..hi: numpy lets go of the interpreter while it copies, so copy
-    threads use several cores; and there is no OpenMP team, which on a loader's thread beside the
-    trainer's own (and other trainers' on the same cores) spins the cores away."""
+def _copy(rows: np.ndarray, segs: list[np.ndarray], starts: list[int], nbytes: int, lo: int, hi: int) -> None:
+    """numpy's copies of items lo..hi out of their segments' shared mappings: numpy lets go of the
+    interpreter while it copies, so copy threads use several cores; and there is no OpenMP team,
+    which on a loader's thread beside the trainer's own (and other trainers' on the same cores)
+    spins the cores away."""
     for j in range(lo, hi):
-        rows[j] = segs[j].shared[starts[j]:starts[j] + nbytes]
+        rows[j] = segs[j][starts[j]:starts[j] + nbytes]
 
 
 def _torch(arr: np.ndarray, dtype: str) -> Any:
