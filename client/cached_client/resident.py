@@ -4,8 +4,9 @@ A loader resolves every window of every epoch through the daemon (an RPC, a stat
 there, a lease). When all of a dataset's entries fit in `budget` bytes (by default half of the
 daemon's shared memory, the default cap of one client's leases), the first epoch keeps them
 leased, and later epochs resolve nothing: each item costs one stat of its source here, to prove it
-unchanged (cached_client/stamp.py), and only changed items go back to the daemon. A dataset that
-does not fit streams, window by window, as before.
+unchanged (cached_client/stamp.py), and only changed items go back to the daemon. The stamps kept
+from the first epoch are the daemon's (in its replies: taken when it made the keys), so that epoch
+stats nothing here. A dataset that does not fit streams, window by window, as before.
 """
 
 from __future__ import annotations
