@@ -8,8 +8,8 @@ Workerless, in the trainer's process:
 - loader, streaming: the same with resident=False (every window resolved through the daemon again);
 - CachedDataset, 0 workers: `CachedDataset` in a DataLoader without workers (one get per batch);
 - arena, main process (the ceiling): views at known offsets of one mapped arena, `torch.stack`;
-- arena, prefetching thread: the same on a background thread, 4 batches ahead through a queue (the
-  ceiling of any prefetching design, the loader's included);
+- arena, prefetching thread: the same on a background thread, 4 batches ahead through a queue, each
+  batch a new tensor as in the ceiling (nothing to resolve, check or lease);
 - in-RAM list: the latents as tensors in a list, `torch.stack`.
 With 4 DataLoader workers (persistent, fork): CachedDataset, the handle mode (workers resolve,
 the main process gathers), the arena, per-item safetensors files.
@@ -63,8 +63,8 @@ class _Stacked:
 
 
 class _StackedAhead(_Stacked):
-    """The ceiling's gather on a background thread, batches handed over a queue 4 deep: what any
-    prefetching loader does, with nothing to resolve, check or lease (the ceiling of that design)."""
+    """The ceiling's gather on a background thread, batches handed over a queue 4 deep: what a
+    prefetching loader does, with nothing to resolve, check or lease."""
 
     def epoch(self) -> int:
         batches: queue.Queue = queue.Queue(maxsize=4)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from cached_client.errors import CacheError, Cancelled, InvalidSpec, LimitExceeded
 from cached_client.specs import Spec, TextSpec, decode_spec
-from cached_client.stamp import Stamp
+from cached_client.stamp import Stamp, matches
 
 from ..encoders import Encoder
 from .access import permits_read
@@ -50,7 +50,7 @@ class Items:
     def __init__(self, sources: Sources, limits: Limits) -> None:
         self.sources = sources
         self.limits = limits
-        self._memo: dict[tuple[str, bytes], tuple[Item, Stamp | None]] = {}  # insertion order: FIFO
+        self._memo: dict[tuple[str, bytes], Item] = {}  # insertion order: FIFO
         self._memo_bytes = 0
         self._mu = threading.Lock()
 
@@ -73,22 +73,21 @@ class Items:
         for i, line in enumerate(specs.split(b"\n")):
             if not i % CHECK_EVERY and i and not alive():
                 return out + [Cancelled("the call ended")] * (n - i)
-            hit = memo.get((name, line))
-            if hit is None:
+            item = memo.get((name, line))
+            if item is None:
                 out.append(self._item(i, line, enc, caller))
                 continue
             # a remembered line: its item while the source keeps its stamp (inlined: this loop is
             # most of a cached lookup), the whole way when it changed, the refusal when this caller
-            # may not read the file
-            item, stamp = hit
+            # may not read the file; a text has no stamp and nothing to check
+            stamp = item.stamp
             if stamp is not None:
                 try:
                     st = stat(item.spec.path)  # type: ignore[union-attr]  # the path asked for: a symlink re-pointed is a change
                 except (OSError, ValueError):
                     out.append(self._item(i, line, enc, caller))
                     continue
-                if (st.st_ctime_ns != stamp[4] or st.st_mtime_ns != stamp[3] or st.st_ino != stamp[1]
-                        or st.st_size != stamp[2] or st.st_dev != stamp[0]):
+                if not matches(st, stamp):
                     out.append(self._item(i, line, enc, caller))
                     continue
                 if check:
@@ -130,7 +129,7 @@ class Items:
                 raise InvalidSpec(f"item {i}: encoder {enc.name!r} takes images, not text")
             digest = hashlib.blake2b(spec.text.encode(), digest_size=32).digest()
             item = Item(spec, entry_key(digest, spec, enc.fingerprint))
-            self._remember(enc, line, spec, item, None)
+            self._remember(enc, line, spec, item)
             return item
         if enc.input != "image":
             raise InvalidSpec(f"item {i}: encoder {enc.name!r} takes text, not images")
@@ -139,21 +138,21 @@ class Items:
         item = Item(spec, entry_key(source.digest, spec, enc.fingerprint), source.real, source.digest,
                     source.data, source.acl, dirs, source.stamp)
         if source.stamp is not None:
-            self._remember(enc, line, spec, replace(item, data=None), source.stamp)
+            self._remember(enc, line, spec, replace(item, data=None))
         return item
 
-    def _remember(self, enc: Encoder, line: bytes, spec: Spec, item: Item, stamp: Stamp | None) -> None:
+    def _remember(self, enc: Encoder, line: bytes, spec: Spec, item: Item) -> None:
         if line != spec.wire_json().encode():
             return  # not the canonical line: padded or reordered copies would only fill the memo
         with self._mu:
             old = self._memo.pop((enc.name, line), None)
             if old is not None:
-                self._memo_bytes -= _cost(line, old[0])
-            self._memo[(enc.name, line)] = (item, stamp)
+                self._memo_bytes -= _cost(line, old)
+            self._memo[(enc.name, line)] = item
             self._memo_bytes += _cost(line, item)
             while self._memo_bytes > self.limits.key_memo_bytes and self._memo:
                 first = next(iter(self._memo))
-                self._memo_bytes -= _cost(first[1], self._memo.pop(first)[0])
+                self._memo_bytes -= _cost(first[1], self._memo.pop(first))
 
     @property
     def memo_bytes(self) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .gather import Resolved
 from .specs import ImageSpec, Spec
-from .stamp import Stamp, source_stamp
+from .stamp import Stamp, matches, source_stamp
 from .wire import HANDLE
 
 __all__ = ["Resident"]
@@ -85,8 +85,7 @@ class Resident:
 
     def changed(self, items: list[int]) -> list[int]:
         """The items whose sources changed since they were resolved (or can't be told): one stat
-        each (stamp.unchanged, inlined, the likeliest change compared first: it runs once per item
-        of every epoch)."""
+        each (stamp.unchanged, its loop inlined: it runs once per item of every epoch)."""
         stat, paths, stamps = os.stat, self.paths, self.stamps
         out = []
         for i in items:
@@ -96,8 +95,7 @@ class Resident:
                 except (OSError, ValueError):
                     out.append(i)
                     break
-                if (s is None or st.st_ctime_ns != s[4] or st.st_mtime_ns != s[3] or st.st_ino != s[1]
-                        or st.st_size != s[2] or st.st_dev != s[0]):
+                if s is None or not matches(st, s):
                     out.append(i)
                     break
         return out

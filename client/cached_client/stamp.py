@@ -21,7 +21,7 @@ import time
 
 from .specs import OBJECT_SCHEME
 
-__all__ = ["Stamp", "source_stamp", "stamp_of", "unchanged", "RACY_NS"]
+__all__ = ["Stamp", "source_stamp", "stamp_of", "unchanged", "matches", "RACY_NS"]
 
 RACY_NS = 2_000_000_000  # coarser than any filesystem's timestamp granularity in use (FAT's 2 s)
 
@@ -53,7 +53,13 @@ def unchanged(path: str, stamp: Stamp | None) -> bool:
     if stamp is None:
         return False
     try:
-        st = os.stat(path)
+        return matches(os.stat(path), stamp)
     except (OSError, ValueError):
         return False
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == stamp
+
+
+def matches(st: os.stat_result, stamp: Stamp) -> bool:
+    """A stat result has `stamp`: the likeliest change compared first, no tuple built (the daemon's
+    lookups and the loader's later epochs run it once per item)."""
+    return (st.st_ctime_ns == stamp[4] and st.st_mtime_ns == stamp[3] and st.st_ino == stamp[1]
+            and st.st_size == stamp[2] and st.st_dev == stamp[0])

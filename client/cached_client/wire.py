@@ -9,11 +9,9 @@ that is not one) is a ProtocolError: the client and the daemon disagree about th
 
 from __future__ import annotations
 
-import array
 import itertools
 import json
 import struct
-import sys
 from collections.abc import Collection, Container
 
 import numpy as np
@@ -93,10 +91,8 @@ def unpack_stamps(data: bytes, count: int) -> list[tuple[int, int, int, int, int
         return [None] * count
     if len(data) != count * 40:
         raise ProtocolError(f"reply has {len(data)} bytes of stamps for {count} items of 40 bytes")
-    flat = array.array("q", data)
-    if sys.byteorder == "big":
-        flat.byteswap()
-    return [None if s == NO_STAMP else s for s in zip(*[iter(flat)] * 5, strict=True)]  # type: ignore[misc]
+    flat = iter(struct.unpack(f"<{5 * count}q", data))
+    return [None if s == NO_STAMP else s for s in zip(flat, flat, flat, flat, flat, strict=True)]
 
 
 def encode_layout(layout: Layout) -> str:
